@@ -1,0 +1,289 @@
+"""The DMPO pairwise-ranking format: alpaca JSON records read into :class:`PairwiseExample`.
+
+A record is ``{"instruction", "input", "output"}``. The instruction names the user's
+history and two candidates as ``<Title:...>`` tags; the output orders the two candidates:
+
+- ``*_sft_ranking.json`` and ML-1M's ``*_eval_ranking.json``: ``output`` is one string,
+  the positive-first ordering (the rejected ordering is built here);
+- ``*_dpo_ranking_{k}.json`` and Amazon's ``*_eval_ranking.json``: ``output`` is
+  ``[preferred, dispreferred]``.
+
+The released files are ``json.dumps(records)`` with default settings (ASCII-escaped, no
+indent, no final newline); :func:`write_dmpo` writes the same, so read -> write
+reproduces each of them byte for byte. Every malformed record raises a
+:class:`~prefrec.errors.DataError` naming the file, the record index and the field;
+nothing is dropped silently.
+
+:func:`read_json_array` is the JSON-file primitive shared with the S-DPO reader.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from prefrec.data.prompts import pairwise_completion
+from prefrec.data.schema import PairwiseExample
+from prefrec.data.titles import history_user_key, parse_title_tags
+from prefrec.errors import DataError
+from prefrec.io import atomic_write_text
+
+# The sentence that separates the history from the two candidates in every DMPO
+# instruction (prompts.pairwise_instruction writes it for every domain).
+CANDIDATES_MARKER = ". Rank the likelihood of the user "
+OUTPUT_FORMATS = ("str", "list")
+_STANDARD_FIELDS = ("instruction", "input", "output")
+
+ErrorAt = Callable[[str | None, str], DataError]
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for error messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return "a number"
+    return names.get(type(value), type(value).__name__)
+
+
+def read_json_array(path: str | Path) -> list[Any]:
+    """Decode a UTF-8 JSON file whose top level is a list, or raise a one-line DataError.
+
+    Errors name the byte offset of invalid UTF-8 and the line/column/character of
+    invalid or truncated JSON. A UTF-8 byte-order mark is accepted.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(path, None, None, "file not found") from None
+    except OSError as err:
+        raise DataError(path, None, None, f"cannot read file: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        record, field = _locate_undecodable(raw)
+        raise DataError(
+            path,
+            record,
+            field,
+            f"not valid UTF-8: byte 0x{raw[err.start]:02x} at byte offset {err.start}",
+        ) from None
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        raise DataError(path, None, None, "file is empty; expected a JSON list of records")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        truncated = " (the file ends there: truncated?)" if err.pos >= len(text.rstrip()) else ""
+        raise DataError(
+            path,
+            None,
+            None,
+            f"invalid JSON at line {err.lineno} column {err.colno} (char {err.pos}): "
+            f"{err.msg}{truncated}",
+        ) from None
+    if not isinstance(data, list):
+        raise DataError(path, None, None, f"expected a JSON list of records, got {json_type(data)}")
+    return data
+
+
+def _locate_undecodable(raw: bytes) -> tuple[int | None, str | None]:
+    """The record index and field holding the first undecodable byte, when the file is
+    otherwise valid JSON (bad bytes decode to lone surrogates with ``surrogateescape``)."""
+
+    def has_bad(value: Any) -> bool:
+        if isinstance(value, str):
+            return any("\udc80" <= ch <= "\udcff" for ch in value)
+        if isinstance(value, list | dict):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            return any(has_bad(k) or has_bad(v) for k, v in items)
+        return False
+
+    try:
+        data = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError:
+        return None, None
+    for index, record in enumerate(data if isinstance(data, list) else []):
+        if isinstance(record, dict):
+            for field, value in record.items():
+                if has_bad(field) or has_bad(value):
+                    return index, field
+        elif has_bad(record):
+            return index, None
+    return None, None
+
+
+def error_at(path: str | Path | None, index: int | None) -> ErrorAt:
+    """A factory of DataErrors for one record: ``error_at(p, 3)("output", "...")``."""
+    return lambda field, message: DataError(path, index, field, message)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def split_pairwise_instruction(instruction: str) -> tuple[list[str], list[str]]:
+    """The history titles and the candidate titles of a DMPO instruction (unchecked)."""
+    head, marker, tail = instruction.rpartition(CANDIDATES_MARKER)
+    if not marker:
+        raise ValueError(f"no {CANDIDATES_MARKER.strip()!r} sentence after the history")
+    return parse_title_tags(head), parse_title_tags(tail)
+
+
+def pairwise_example(
+    instruction: str,
+    chosen: str,
+    rejected: str | None,
+    err: ErrorAt,
+    fields: tuple[str, str, str] = ("instruction", "output", "output"),
+) -> PairwiseExample:
+    """Validate one pairwise prompt with its completions and build the example.
+
+    ``rejected=None`` means only the positive-first ordering is given (string output);
+    the negative-first one is built with :func:`prompts.pairwise_completion`. ``fields``
+    names the prompt, chosen and rejected fields in error messages. ``meta`` is empty;
+    readers add theirs.
+    """
+    prompt_field, chosen_field, rejected_field = fields
+    try:
+        history, candidates = split_pairwise_instruction(instruction)
+    except ValueError as e:
+        raise err(prompt_field, str(e)) from None
+    if not history:
+        raise err(prompt_field, "empty history: no <Title:...> tag before the candidates")
+    if len(candidates) != 2:
+        raise err(prompt_field, f"expected two candidate <Title:...> tags, found {len(candidates)}")
+    first, second = candidates
+    if first == second:
+        raise err(prompt_field, f"the two candidates are the same title {first!r}")
+    positive_title, negative_title = _completion_order(chosen, (first, second), err, chosen_field)
+    if rejected is None:
+        rejected = pairwise_completion(negative_title, positive_title)
+    elif _completion_order(rejected, (first, second), err, rejected_field) != (
+        negative_title,
+        positive_title,
+    ):
+        raise err(
+            rejected_field,
+            f"dispreferred completion must rank {negative_title!r} first, as the reverse of "
+            "the preferred one",
+        )
+    return PairwiseExample(
+        history=tuple(history),
+        candidates=(first, second),
+        positive=0 if positive_title == first else 1,
+        prompt=instruction,
+        chosen=chosen,
+        rejected=rejected,
+        user=history_user_key(history),
+    )
+
+
+def _completion_order(
+    completion: str, candidates: tuple[str, str], err: ErrorAt, field: str
+) -> tuple[str, str]:
+    """The two titles a completion ranks, checked against the prompt's candidates."""
+    tags = parse_title_tags(completion)
+    if len(tags) != 2:
+        raise err(field, f"expected two <Title:...> tags in the completion, found {len(tags)}")
+    for tag in tags:
+        if tag not in candidates:
+            raise err(
+                field,
+                f"candidate not in prompt: {tag!r} (the prompt's candidates are "
+                f"{candidates[0]!r} and {candidates[1]!r})",
+            )
+    if tags[0] == tags[1]:
+        raise err(field, f"the completion names {tags[0]!r} twice")
+    return tags[0], tags[1]
+
+
+def parse_dmpo_record(record: Any, path: str | Path | None, index: int) -> PairwiseExample:
+    """One alpaca record as a :class:`PairwiseExample` with round-trip ``meta``."""
+    err = error_at(path, index)
+    if not isinstance(record, dict):
+        raise err(None, f"expected an object, got {json_type(record)}")
+    for name in ("instruction", "output"):
+        if name not in record:
+            raise err(name, "missing field")
+    instruction, output = record["instruction"], record["output"]
+    if not isinstance(instruction, str):
+        raise err("instruction", f"expected a string, got {json_type(instruction)}")
+    if "input" in record and not isinstance(record["input"], str):
+        raise err("input", f"expected a string, got {json_type(record['input'])}")
+    if isinstance(output, str):
+        example = pairwise_example(instruction, output, None, err)
+    elif isinstance(output, list):
+        if len(output) != 2:
+            raise err(
+                "output",
+                f"expected [preferred, dispreferred] (2 strings), got a list of {len(output)}",
+            )
+        for i, completion in enumerate(output):
+            if not isinstance(completion, str):
+                raise err(f"output[{i}]", f"expected a string, got {json_type(completion)}")
+        example = pairwise_example(
+            instruction, output[0], output[1], err, ("instruction", "output[0]", "output[1]")
+        )
+    else:
+        raise err("output", f"expected a string or a list of two strings, got {json_type(output)}")
+    meta: dict[str, Any] = {
+        "source": str(path) if path is not None else None,
+        "index": index,
+        "input": record.get("input"),
+        "output_type": "str" if isinstance(output, str) else "list",
+    }
+    extra = {k: v for k, v in record.items() if k not in _STANDARD_FIELDS}
+    if extra:
+        meta["extra"] = extra
+    # dmpo_record writes the standard fields first, then the extra ones; keep any other order.
+    if list(record) != [k for k in _STANDARD_FIELDS if k in record] + list(extra):
+        meta["field_order"] = list(record)
+    example.meta.update(meta)
+    return example
+
+
+def parse_dmpo_records(records: Sequence[Any], path: str | Path | None) -> list[PairwiseExample]:
+    """Every record of a decoded DMPO file, in order (the first bad one raises)."""
+    return [parse_dmpo_record(r, path, i) for i, r in enumerate(records)]
+
+
+def read_dmpo(path: str | Path) -> list[PairwiseExample]:
+    """Read a DMPO ``sft``, ``dpo_ranking_k`` or ``eval`` ranking file."""
+    return parse_dmpo_records(read_json_array(path), path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def dmpo_record(example: PairwiseExample, output_format: str | None = None) -> dict[str, Any]:
+    """The alpaca record of one example.
+
+    ``output_format`` is ``"str"`` (positive-first completion only, as in the SFT files)
+    or ``"list"`` (``[chosen, rejected]``); by default the format the example was read
+    from, and ``"list"`` for examples built from raw data.
+    """
+    fmt = output_format or example.meta.get("output_type", "list")
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown DMPO output format {fmt!r}; choose from {OUTPUT_FORMATS}")
+    input_text = example.meta.get("input", "")
+    record: dict[str, Any] = {"instruction": example.prompt}
+    if input_text is not None:
+        record["input"] = input_text
+    record["output"] = example.chosen if fmt == "str" else [example.chosen, example.rejected]
+    record.update(example.meta.get("extra", {}))
+    order = example.meta.get("field_order")
+    if order is not None and set(order) == set(record):
+        record = {k: record[k] for k in order}
+    return record
+
+
+def write_dmpo(
+    examples: Iterable[PairwiseExample], path: str | Path, output_format: str | None = None
+) -> None:
+    """Write examples as a DMPO alpaca JSON file, atomically, in the released files' style."""
+    records = [dmpo_record(ex, output_format) for ex in examples]
+    atomic_write_text(path, json.dumps(records))

@@ -1,0 +1,372 @@
+"""Evaluation: score a dataset with the shared-prefix scorer and report metrics with CIs.
+
+Output folder layout (``--out``)::
+
+    eval_config.json   what was evaluated (data, model, adapters, template, subset)
+    scores.jsonl       one row per example: the raw log-probs, so any metric can be recomputed
+    generations.jsonl  selection data in generation mode: the greedy answer per example
+    metrics.json       every metric with its 95% bootstrap CI and n
+    metrics.md         the same as a markdown table
+
+Per-example rows are appended and flushed as they are scored; an interrupted run resumes
+from them (a torn last line is recomputed) as long as ``eval_config.json`` matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefrec.data.prompts import model_input
+from prefrec.data.schema import PairwiseExample, SelectionExample
+from prefrec.errors import PrefrecError
+from prefrec.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+
+log = logging.getLogger(__name__)
+
+Example = PairwiseExample | SelectionExample
+
+
+@dataclass
+class EvalSettings:
+    """Everything that determines the per-example scores (checked before resuming)."""
+
+    data: str
+    model: str
+    adapters: list[str]
+    template: str
+    limit: int | None
+    seed: int
+    n_examples: int
+    task: str
+    modes: list[str]
+    max_new_tokens: int
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="eval file or dataset name (e.g. ml1m-eval)")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder (its parents follow)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/eval/<data>)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset")
+    p.add_argument("--seed", type=int, default=0, help="subset and bootstrap seed")
+    p.add_argument("--batch-size", type=int, default=8, help="groups per forward pass")
+    p.add_argument(
+        "--mode",
+        default="likelihood",
+        choices=["likelihood", "generate", "both"],
+        help="selection data: rank by likelihood, greedy generation, or both",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation mode budget")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier scores in --out")
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded random subset of ``range(n)`` in ascending order (all of it without limit)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
+# --------------------------------------------------------------------------- scoring loops
+
+
+def _score_rows(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    indices: Sequence[int],
+    template: str,
+    batch_size: int,
+    rows_path: Path,
+) -> list[dict[str, Any]]:
+    """Score every selected example, appending one row each; skip rows already on disk."""
+    from tqdm.auto import tqdm
+
+    from prefrec.scoring import score_completions
+
+    done = {r["index"]: r for r in read_jsonl_tolerant(rows_path)}
+    # Rewrite the file without a torn tail before appending to it.
+    with open(rows_path, "w", encoding="utf-8") as fh:
+        for r in done.values():
+            append_jsonl(fh, r)
+    todo = [i for i in indices if i not in done]
+    if done:
+        log.info("resuming: %d of %d examples already scored", len(indices) - len(todo), len(indices))
+    with open(rows_path, "a", encoding="utf-8") as fh, tqdm(
+        total=len(indices), initial=len(indices) - len(todo), unit="ex", desc="scoring"
+    ) as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            prompts, completions, groups = [], [], []
+            for i in chunk:
+                ex = examples[i]
+                text = model_input(ex.prompt, template, tokenizer)
+                outs = (
+                    [ex.chosen, ex.rejected]
+                    if isinstance(ex, PairwiseExample)
+                    else [ex.completion_for(c) for c in ex.candidates]
+                )
+                prompts += [text] * len(outs)
+                completions += outs
+                groups += [i] * len(outs)
+            scores = score_completions(
+                model, tokenizer, prompts, completions, group_ids=groups, batch_size=batch_size
+            )
+            logps = scores.logps.tolist()
+            ntok = scores.n_tokens.tolist()
+            pos = 0
+            for i in chunk:
+                ex = examples[i]
+                if isinstance(ex, PairwiseExample):
+                    row = {
+                        "index": i,
+                        "user": ex.user,
+                        "positive_first": ex.positive_listed_first,
+                        "chosen_logp": logps[pos],
+                        "rejected_logp": logps[pos + 1],
+                        "chosen_tokens": ntok[pos],
+                        "rejected_tokens": ntok[pos + 1],
+                    }
+                    pos += 2
+                else:
+                    m = len(ex.candidates)
+                    row = {
+                        "index": i,
+                        "user": ex.user,
+                        "target_index": ex.target_index,
+                        "logps": logps[pos : pos + m],
+                        "n_tokens": ntok[pos : pos + m],
+                    }
+                    pos += m
+                append_jsonl(fh, row)
+                done[i] = row
+            bar.update(len(chunk))
+    return [done[i] for i in indices]
+
+
+def _generate_rows(
+    model,
+    tokenizer,
+    examples: Sequence[SelectionExample],
+    indices: Sequence[int],
+    template: str,
+    batch_size: int,
+    max_new_tokens: int,
+    rows_path: Path,
+) -> list[dict[str, Any]]:
+    """Greedy answers for selection prompts (S-DPO's generation protocol), resumable."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from prefrec.model import padding_side
+
+    done = {r["index"]: r for r in read_jsonl_tolerant(rows_path)}
+    with open(rows_path, "w", encoding="utf-8") as fh:
+        for r in done.values():
+            append_jsonl(fh, r)
+    todo = [i for i in indices if i not in done]
+    device = next(model.parameters()).device
+    with open(rows_path, "a", encoding="utf-8") as fh, tqdm(
+        total=len(indices), initial=len(indices) - len(todo), unit="ex", desc="generating"
+    ) as bar, padding_side(tokenizer, "left"):
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            texts = [model_input(examples[i].prompt, template, tokenizer) for i in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for i, answer in zip(chunk, answers, strict=True):
+                row = {"index": i, "user": examples[i].user, "generated": answer}
+                append_jsonl(fh, row)
+                done[i] = row
+            bar.update(len(chunk))
+    return [done[i] for i in indices]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def pairwise_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    """Pairwise accuracy, DMPO-protocol AUC, candidate ROC-AUC, and position-split accuracy."""
+    from prefrec.metrics import compute_all, evaluate_metric, pairwise_accuracy
+
+    chosen = np.array([r["chosen_logp"] for r in rows], dtype=np.float64)
+    rejected = np.array([r["rejected_logp"] for r in rows], dtype=np.float64)
+    chosen_n = np.array([r["chosen_tokens"] for r in rows], dtype=np.float64)
+    rejected_n = np.array([r["rejected_tokens"] for r in rows], dtype=np.float64)
+    first = np.array([r["positive_first"] for r in rows], dtype=bool)
+
+    metrics = compute_all("pairwise", chosen=chosen, rejected=rejected, n_boot=n_boot, seed=seed)
+    metrics["pairwise_accuracy_length_normalised"] = evaluate_metric(
+        "pairwise_accuracy_length_normalised",
+        pairwise_accuracy,
+        chosen / chosen_n,
+        rejected / rejected_n,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    for name, mask in (("positive_listed_first", first), ("positive_listed_second", ~first)):
+        if mask.any():
+            key = f"pairwise_accuracy_{name}"
+            metrics[key] = evaluate_metric(
+                key, pairwise_accuracy, chosen[mask], rejected[mask], n_boot=n_boot, seed=seed
+            )
+    return metrics
+
+
+def selection_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
+    """Likelihood ranking over all candidates: HR@k, NDCG@k, MRR (summed log-prob score)."""
+    from prefrec.metrics import compute_all
+
+    sizes = {len(r["logps"]) for r in rows}
+    if len(sizes) != 1:
+        raise PrefrecError(f"candidate lists differ in size ({sorted(sizes)}); cannot rank jointly")
+    scores = np.array([r["logps"] for r in rows], dtype=np.float64)
+    target = np.array([r["target_index"] for r in rows], dtype=np.int64)
+    return compute_all(
+        "selection", scores=scores, target_index=target, n_boot=n_boot, seed=seed
+    )
+
+
+def generation_metrics(
+    rows: Sequence[dict[str, Any]],
+    examples: Sequence[SelectionExample],
+    n_boot: int,
+    seed: int,
+) -> dict[str, Any]:
+    """S-DPO's ValidRatio and HitRatio@1 from greedy answers."""
+    from prefrec.metrics import compute_all
+
+    generated = [r["generated"] for r in rows]
+    candidates = [list(examples[r["index"]].candidates) for r in rows]
+    targets = [examples[r["index"]].target for r in rows]
+    return compute_all(
+        "generation",
+        generated_texts=generated,
+        candidates_lists=candidates,
+        targets=targets,
+        n_boot=n_boot,
+        seed=seed,
+    )
+
+
+def metrics_markdown(title: str, metrics: dict[str, Any], notes: Sequence[str] = ()) -> str:
+    lines = [f"# {title}", "", "| metric | value | 95% CI | n |", "|---|---|---|---|"]
+    for name, m in metrics.items():
+        lines.append(f"| {name} | {m.value:.4f} | [{m.ci_low:.4f}, {m.ci_high:.4f}] | {m.n} |")
+    lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def evaluate(
+    model,
+    tokenizer,
+    examples: Sequence[Example],
+    out_dir: str | Path,
+    settings: EvalSettings,
+    batch_size: int = 8,
+    n_boot: int = 1000,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Score ``examples`` (subset per ``settings``), write the outputs, return the metrics."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "eval_config.json"
+    if overwrite:
+        for name in ("scores.jsonl", "generations.jsonl", "metrics.json", "metrics.md"):
+            (out / name).unlink(missing_ok=True)
+    elif cfg_path.exists():
+        previous = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if previous != asdict(settings):
+            raise PrefrecError(
+                f"{out} holds an evaluation with other settings; use another --out or --overwrite"
+            )
+    atomic_write_json(cfg_path, asdict(settings))
+
+    indices = subset_indices(len(examples), settings.limit, settings.seed)
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    notes = [f"data: {settings.data}", f"model: {settings.model}"]
+    if settings.adapters:
+        notes.append("adapters: " + ", ".join(settings.adapters))
+    if settings.task == "pairwise":
+        rows = _score_rows(model, tokenizer, examples, indices, settings.template, batch_size,
+                           out / "scores.jsonl")
+        metrics.update(pairwise_metrics(rows, n_boot, settings.seed))
+    else:
+        if "likelihood" in settings.modes:
+            rows = _score_rows(model, tokenizer, examples, indices, settings.template,
+                               batch_size, out / "scores.jsonl")
+            metrics.update(selection_metrics(rows, n_boot, settings.seed))
+        if "generate" in settings.modes:
+            rows = _generate_rows(model, tokenizer, examples, indices, settings.template,
+                                  batch_size, settings.max_new_tokens, out / "generations.jsonl")
+            metrics.update(generation_metrics(rows, examples, n_boot, settings.seed))
+    elapsed = time.perf_counter() - started
+    notes.append(f"wall time: {elapsed:.1f} s for {len(indices)} examples")
+    result = {
+        "settings": asdict(settings),
+        "wall_time_s": elapsed,
+        "metrics": {k: v.to_dict() for k, v in metrics.items()},
+    }
+    atomic_write_json(out / "metrics.json", result)
+    atomic_write_text(out / "metrics.md", metrics_markdown(f"Evaluation of {settings.model}",
+                                                           metrics, notes))
+    return result
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    from prefrec.adapters import adapter_chain
+    from prefrec.data.formats import load_examples
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.model import load_for_scoring
+
+    path = resolve_dataset(args.data, data_dir=args.data_dir)
+    examples = load_examples(path)
+    if not examples:
+        raise PrefrecError(f"{path}: no examples")
+    task = "pairwise" if isinstance(examples[0], PairwiseExample) else "selection"
+    chain = adapter_chain(args.adapter, args.model)
+    template = args.template if chain.template is None else chain.template
+    modes = ["likelihood", "generate"] if args.mode == "both" else [args.mode]
+    if task == "pairwise" and modes != ["likelihood"]:
+        raise PrefrecError("--mode generate applies to candidate-selection data only")
+    settings = EvalSettings(
+        data=str(path),
+        model=chain.base_model,
+        adapters=[str(a) for a in chain.adapters],
+        template=template,
+        limit=args.limit,
+        seed=args.seed,
+        n_examples=len(examples),
+        task=task,
+        modes=modes,
+        max_new_tokens=args.max_new_tokens,
+    )
+    out = Path(args.out or Path("runs") / "eval" / path.stem)
+    model, tokenizer = load_for_scoring(
+        chain.base_model, [str(a) for a in chain.adapters], dtype=args.dtype, device=args.device
+    )
+    result = evaluate(model, tokenizer, examples, out, settings, batch_size=args.batch_size,
+                      n_boot=args.n_boot, overwrite=args.overwrite)
+    print((out / "metrics.md").read_text(encoding="utf-8"))
+    print(f"wrote {out}/metrics.json ({result['wall_time_s']:.1f} s)")

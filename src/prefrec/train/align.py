@@ -1,0 +1,401 @@
+"""Preference stage: multi-negative DPO / DMPO / S-DPO on top of the SFT model.
+
+The reference policy is the SFT model (base + SFT adapter, merged), never the base model.
+The policy is that merged model plus a fresh LoRA adapter whose B matrices start at zero,
+so at step 0 policy == reference. Reference log-probs of every completion the run can see
+are computed once, before training, with the shared-prefix scorer, and cached on disk
+(``$PREFREC_CACHE/ref_logps/<sha256>.safetensors``, keyed by the scored texts, the
+template, and the fingerprint of base model + SFT adapter). The training loop never runs
+the reference model.
+
+One training step (``AlignTrainer.compute_loss``)::
+
+    groups -> score_completions(policy, chosen + K rejected per group, grad=True)
+           -> combined_loss(loss, policy logps, cached ref logps, beta, ftx)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from prefrec.data.prompts import model_input
+from prefrec.data.schema import (
+    PairwiseExample,
+    PreferenceGroup,
+    SelectionExample,
+    group_pairs_by_user,
+    selection_to_group,
+)
+from prefrec.errors import PrefrecError
+from prefrec.train.config import AlignConfig, config_from_args
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (instruction, completion)
+
+
+# --------------------------------------------------------------------------- groups
+
+
+class GroupDataset(torch.utils.data.Dataset):
+    """Preference groups, rebuilt per epoch by ``make_group(index, epoch)``.
+
+    Selection data resamples its K negatives each epoch from a generator seeded by
+    (seed, epoch, index), so a resumed run sees exactly the groups an uninterrupted
+    run would.
+    """
+
+    def __init__(self, n: int, make_group: Callable[[int, int], PreferenceGroup]) -> None:
+        self.n = n
+        self.make_group = make_group
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"group": self.make_group(index, self.epoch)}
+
+
+class EpochCallback(TrainerCallback):
+    def __init__(self, dataset: GroupDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.epoch = int(state.epoch or 0)
+
+
+def build_groups(
+    examples: Sequence[PairwiseExample | SelectionExample],
+    negatives: int | None,
+    seed: int,
+    resample: bool,
+) -> tuple[int, Callable[[int, int], PreferenceGroup], list[Key]]:
+    """Turn examples into a group factory, and list every (prompt, completion) it can emit.
+
+    DMPO pairwise rows regroup by user (K pairwise prompts sharing the history); ``negatives``
+    keeps each user's first K. Selection examples pit the target against K other
+    candidates of the same prompt, resampled per epoch when ``resample``.
+    """
+    if isinstance(examples[0], PairwiseExample):
+        groups = group_pairs_by_user(examples)  # type: ignore[arg-type]
+        k = negatives or min(g.k for g in groups)
+        too_small = [g.user for g in groups if g.k < k]
+        if too_small:
+            raise PrefrecError(
+                f"--negatives {k}: {len(too_small)} users have fewer pairwise rows than that"
+            )
+        fixed = [g.with_negatives(k) for g in groups]
+        keys = sorted({(c.prompt, c.completion) for g in fixed for c in g.completions()})
+        return len(fixed), (lambda i, epoch: fixed[i]), keys
+
+    selection: list[SelectionExample] = list(examples)  # type: ignore[arg-type]
+    k = negatives or (len(selection[0].candidates) - 1)
+
+    def make(i: int, epoch: int) -> PreferenceGroup:
+        rng = random.Random(f"{seed}:{epoch}:{i}") if resample else None
+        return selection_to_group(selection[i], k, rng)
+
+    keys = sorted(
+        {(ex.prompt, ex.completion_for(c)) for ex in selection for c in ex.candidates}
+    )
+    return len(selection), make, keys
+
+
+def limit_examples(
+    examples: Sequence[PairwiseExample | SelectionExample], limit: int
+) -> list[PairwiseExample | SelectionExample]:
+    """The examples of the first ``limit`` users (pairwise) or the first ``limit`` examples."""
+    if isinstance(examples[0], SelectionExample):
+        return list(examples[:limit])
+    users: list[str] = []
+    for ex in examples:
+        if ex.user not in users:
+            users.append(ex.user)
+    keep = set(users[:limit])
+    return [ex for ex in examples if ex.user in keep]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_cache_key(fingerprint: str, template: str, keys: Sequence[Key]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([fingerprint, template], ensure_ascii=False).encode())
+    for prompt, completion in keys:
+        h.update(json.dumps([prompt, completion], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def reference_logps(
+    model,
+    tokenizer,
+    keys: Sequence[Key],
+    template: str,
+    cache_file: Path,
+    batch_size: int = 8,
+) -> dict[Key, tuple[float, int]]:
+    """Log-prob and token count of every (instruction, completion) under the reference.
+
+    Loaded from ``cache_file`` when present; otherwise scored once (shared prefixes:
+    completions of one instruction history are grouped) and saved atomically.
+    """
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
+
+    from prefrec.io import atomic_open
+    from prefrec.scoring import score_completions
+
+    if cache_file.exists():
+        tensors = load_file(str(cache_file))
+        log.info("reference log-probs: loaded %d from %s", len(keys), cache_file)
+    else:
+        from tqdm.auto import tqdm
+
+        logps, ntoks = [], []
+        chunk = 64
+        for start in tqdm(range(0, len(keys), chunk), desc="reference log-probs", unit="chunk"):
+            part = keys[start : start + chunk]
+            prompts = [model_input(p, template, tokenizer) for p, _ in part]
+            scores = score_completions(
+                model,
+                tokenizer,
+                prompts,
+                [c for _, c in part],
+                group_ids=[_history_key(p) for p, _ in part],
+                batch_size=batch_size,
+            )
+            logps.append(scores.logps.detach().float().cpu())
+            ntoks.append(scores.n_tokens.cpu())
+        tensors = {"logps": torch.cat(logps), "n_tokens": torch.cat(ntoks)}
+        with atomic_open(cache_file, "wb") as fh:
+            fh.write(safetensors_bytes(tensors))
+        log.info("reference log-probs: computed %d, cached at %s", len(keys), cache_file)
+    if tensors["logps"].shape[0] != len(keys):
+        raise PrefrecError(f"{cache_file}: cached reference log-probs do not match the data")
+    return {
+        key: (float(lp), int(n))
+        for key, lp, n in zip(keys, tensors["logps"].tolist(), tensors["n_tokens"].tolist(),
+                              strict=True)
+    }
+
+
+def _history_key(instruction: str) -> str:
+    """Group prompts that share a user history (everything before the candidates)."""
+    return instruction.rsplit("Rank the likelihood", 1)[0]
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def collate_groups(
+    batch: list[dict[str, Any]], ref: dict[Key, tuple[float, int]]
+) -> dict[str, Any]:
+    """Groups plus their cached reference log-probs, padded to the batch's largest K."""
+    groups: list[PreferenceGroup] = [b["group"] for b in batch]
+    k = max(g.k for g in groups)
+    ref_chosen = torch.tensor([ref[(g.prompt, g.chosen)][0] for g in groups])
+    ref_rejected = torch.zeros(len(groups), k)
+    mask = torch.zeros(len(groups), k, dtype=torch.bool)
+    for i, g in enumerate(groups):
+        for j, (p, c) in enumerate(zip(g.rejected_prompts, g.rejected, strict=True)):
+            ref_rejected[i, j] = ref[(p, c)][0]
+            mask[i, j] = True
+    return {"groups": groups, "ref_chosen": ref_chosen, "ref_rejected": ref_rejected,
+            "mask": mask}
+
+
+class AlignTrainer(Trainer):
+    """``Trainer`` whose loss is a multi-negative preference loss on shared-prefix scores."""
+
+    def __init__(self, *args, align: AlignConfig, template: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.align = align
+        self.template = template
+        self._stored: dict[str, list[float]] = {}
+        self._groups_seen = 0
+        self._last_log_time = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from prefrec.losses import combined_loss
+        from prefrec.scoring import score_completions
+
+        groups: list[PreferenceGroup] = inputs["groups"]
+        tok = self.processing_class
+        prompts, completions, gids = [], [], []
+        for gi, g in enumerate(groups):
+            for item in g.completions():
+                prompts.append(model_input(item.prompt, self.template, tok))
+                completions.append(item.completion)
+                gids.append(gi)
+        scores = score_completions(
+            model, tok, prompts, completions, group_ids=gids, batch_size=len(groups), grad=True
+        )
+        k = inputs["mask"].shape[1]
+        chosen = torch.empty(len(groups), dtype=scores.logps.dtype, device=scores.logps.device)
+        chosen_n = torch.empty(len(groups), dtype=torch.float32, device=scores.logps.device)
+        rejected_rows = []
+        pos = 0
+        for gi, g in enumerate(groups):
+            chosen[gi] = scores.logps[pos]
+            chosen_n[gi] = scores.n_tokens[pos]
+            row = scores.logps[pos + 1 : pos + 1 + g.k]
+            if g.k < k:
+                row = torch.cat([row, row.new_zeros(k - g.k)])
+            rejected_rows.append(row)
+            pos += 1 + g.k
+        rejected = torch.stack(rejected_rows)
+        device = chosen.device
+        out = combined_loss(
+            self.align.loss,
+            chosen,
+            rejected,
+            inputs["ref_chosen"].to(device, chosen.dtype),
+            inputs["ref_rejected"].to(device, chosen.dtype),
+            beta=self.align.beta,
+            mask=inputs["mask"].to(device),
+            ftx=self.align.ftx,
+            chosen_n_tokens=chosen_n,
+        )
+        metrics = out.metrics()
+        metrics["logps/chosen"] = chosen.detach().mean().item()
+        mask = inputs["mask"].to(device)
+        metrics["logps/rejected"] = (
+            (rejected.detach() * mask).sum() / mask.sum()
+        ).item()
+        for key, value in metrics.items():
+            if key != "loss":
+                self._stored.setdefault(key, []).append(value)
+        self._groups_seen += len(groups)
+        return (out.loss, out) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stored:
+            for key, values in self._stored.items():
+                logs[key] = sum(values) / len(values)
+            now = time.perf_counter()
+            logs["groups_per_second"] = self._groups_seen / max(now - self._last_log_time, 1e-9)
+            self._stored, self._groups_seen, self._last_log_time = {}, 0, now
+        super().log(logs, start_time)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def train_align(
+    cfg: AlignConfig,
+    model_name: str,
+    template: str,
+    dtype=None,
+    device=None,
+    data_dir: str | None = None,
+) -> Path:
+    """Run the preference stage; returns the final adapter folder. Resumes from checkpoints."""
+    from prefrec.adapters import adapter_chain, write_adapter_meta
+    from prefrec.data.formats import load_examples
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.model import (
+        LoraSettings,
+        attach_lora,
+        cache_root,
+        load_for_scoring,
+        model_fingerprint,
+    )
+    from prefrec.train.common import (
+        JsonlLogCallback,
+        last_complete_checkpoint,
+        plot_curves,
+        save_adapter_atomically,
+        save_config,
+        training_arguments,
+        trim_log,
+    )
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.loss not in ("dpo", "dmpo", "sdpo"):
+        raise PrefrecError(f"--loss {cfg.loss}: expected dpo, dmpo or sdpo")
+    data_path = resolve_dataset(cfg.data, data_dir=data_dir)
+    examples = load_examples(data_path)
+    if not examples:
+        raise PrefrecError(f"{data_path}: no training examples")
+
+    chain = adapter_chain(cfg.sft, model_name)
+    if cfg.sft is None:
+        log.warning("no --sft adapter: the reference is the base model itself")
+    template = chain.template or template
+    reference, tokenizer = load_for_scoring(
+        chain.base_model, [str(a) for a in chain.adapters], dtype=dtype, device=device
+    )
+
+    if cfg.limit:
+        examples = limit_examples(examples, cfg.limit)
+    n, make_group, keys = build_groups(examples, cfg.negatives, cfg.seed, cfg.resample_negatives)
+    fingerprint = model_fingerprint(chain.base_model, [str(a) for a in chain.adapters])
+    cache_key = reference_cache_key(fingerprint, template, keys)
+    cache_file = cache_root() / "ref_logps" / f"{cache_key}.safetensors"
+    ref = reference_logps(reference, tokenizer, keys, template, cache_file, cfg.batch_size)
+
+    policy = attach_lora(
+        reference,
+        LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                     target_modules=cfg.target_modules),
+    )
+    policy.train()
+    dataset = GroupDataset(n, make_group)
+    save_config(cfg, out, {"stage": "align", "model": chain.base_model, "template": template,
+                           "parents": [str(a) for a in chain.adapters],
+                           "data_path": str(data_path), "n_groups": n,
+                           "reference_cache": str(cache_file)})
+    use_cuda = next(policy.parameters()).is_cuda
+    args = training_arguments(cfg, out, use_cuda)
+    trainer = AlignTrainer(
+        model=policy,
+        args=args,
+        train_dataset=dataset,
+        data_collator=lambda batch: collate_groups(batch, ref),
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(out / "log.jsonl"), EpochCallback(dataset)],
+        align=cfg,
+        template=template,
+    )
+    resume = last_complete_checkpoint(out)
+    trim_log(out / "log.jsonl", resume)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        adapter = save_adapter_atomically(
+            trainer.model,
+            out,
+            lambda folder: write_adapter_meta(
+                folder, chain.base_model, chain.adapters, template,
+                {"stage": "align", "loss": cfg.loss, "beta": cfg.beta, "ftx": cfg.ftx},
+            ),
+        )
+        plot_curves(
+            out / "log.jsonl",
+            out / "loss.png",
+            ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"],
+            f"{cfg.loss.upper()} (K={cfg.negatives or 'all'}, beta={cfg.beta}, ftx={cfg.ftx})",
+        )
+        log.info("saved adapter to %s", adapter)
+    return out / "adapter"
+
+
+def align_command(args: argparse.Namespace) -> None:
+    cfg = config_from_args(AlignConfig, args)
+    adapter = train_align(cfg, args.model, args.template, dtype=args.dtype, device=args.device,
+                          data_dir=args.data_dir)
+    print(f"aligned adapter: {adapter}")

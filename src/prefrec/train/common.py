@@ -1,0 +1,171 @@
+"""What both training stages share: Trainer arguments, resume, logs, curves, final save.
+
+Output folder layout of a stage (``--out``)::
+
+    config.yaml       the resolved configuration
+    checkpoints/      Trainer checkpoints (adapter + optimizer + RNG); resume reads these
+    log.jsonl         one row per logging step (main process only)
+    loss.png          training curves
+    adapter/          the final PEFT adapter (+ prefrec_adapter.json lineage), written last
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import TrainerCallback, TrainingArguments
+
+from prefrec.io import append_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArguments:
+    """Map a prefrec config onto ``transformers.TrainingArguments``."""
+    bf16 = use_cuda if cfg.bf16 is None else cfg.bf16
+    return TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        logging_dir=str(out_dir / "tensorboard"),
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        label_names=[],
+        use_cpu=not use_cuda,
+    )
+
+
+def last_complete_checkpoint(out_dir: Path) -> str | None:
+    """The newest checkpoint whose ``trainer_state.json`` exists.
+
+    Trainer writes that file last, so a checkpoint killed mid-save (no state file) is
+    skipped instead of crashing the resume.
+    """
+    ckpt_dir = out_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    done = [
+        p
+        for p in ckpt_dir.iterdir()
+        if p.name.startswith(CHECKPOINT_PREFIX)
+        and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        and (p / "trainer_state.json").is_file()
+    ]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :])))
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append each Trainer log row to ``log.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            append_jsonl(fh, row)
+
+
+def save_config(cfg: Any, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    data = {**dataclasses.asdict(cfg), **(extra or {})}
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+
+def save_adapter_atomically(model, out_dir: Path, write_meta) -> Path:
+    """Save the PEFT adapter to ``out_dir/adapter`` via a temporary folder and a rename.
+
+    ``write_meta(folder)`` adds prefrec's lineage file before the rename, so a complete
+    ``adapter/`` always has both PEFT's files and the lineage.
+    """
+    final = out_dir / "adapter"
+    tmp = out_dir / ".adapter.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    write_meta(tmp)
+    if final.exists():
+        old = out_dir / ".adapter.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def plot_curves(log_path: Path, png_path: Path, keys: list[str], title: str) -> None:
+    """One panel per logged key against the step; written atomically as PNG."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prefrec.io import atomic_open
+
+    if not log_path.exists():
+        return
+    rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line]
+    present = [k for k in keys if any(k in r for r in rows)]
+    if not present:
+        return
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present, strict=True):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", linewidth=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_open(png_path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    plt.close(fig)
+
+
+def trim_log(log_path: Path, checkpoint: str | None) -> None:
+    """Drop log rows past the checkpoint a run resumes from (they will be logged again)."""
+    import json
+
+    if not log_path.exists():
+        return
+    step = int(Path(checkpoint).name[len(CHECKPOINT_PREFIX) :]) if checkpoint else 0
+    kept = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(log_path, "".join(kept))

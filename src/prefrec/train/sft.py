@@ -1,0 +1,144 @@
+"""SFT stage: LoRA fine-tuning on the preferred completion, loss on completion tokens only.
+
+Built on ``transformers.Trainer``: gradient accumulation, the cosine schedule, mixed
+precision, ``report_to``, checkpoints and resume come from the ecosystem. Prompt and
+completion are tokenised exactly as the scorer tokenises them (:func:`encode_completion`),
+so the SFT model is trained on the token sequences it is later scored on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from prefrec.data.prompts import model_input
+from prefrec.data.schema import PairwiseExample, SelectionExample
+from prefrec.errors import PrefrecError
+from prefrec.train.config import SFTConfig, config_from_args
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def sft_pairs(examples: Sequence[PairwiseExample | SelectionExample]) -> list[tuple[str, str]]:
+    """(instruction, preferred completion) for every example."""
+    pairs = []
+    for ex in examples:
+        if isinstance(ex, PairwiseExample):
+            pairs.append((ex.prompt, ex.chosen))
+        else:
+            pairs.append((ex.prompt, ex.completion_for(ex.target)))
+    return pairs
+
+
+def sft_features(
+    tokenizer, pairs: Sequence[tuple[str, str]], template: str, max_length: int
+) -> list[dict[str, list[int]]]:
+    """Token ids and labels; prompt positions are masked with -100 so only the completion
+    (and its EOS) is learned."""
+    from prefrec.scoring import encode_completion
+
+    feats = []
+    for instruction, completion in pairs:
+        prompt_ids, completion_ids = encode_completion(
+            tokenizer, model_input(instruction, template, tokenizer), completion
+        )
+        ids = (prompt_ids + completion_ids)[-max_length:]
+        n_completion = min(len(completion_ids), len(ids))
+        labels = [IGNORE_INDEX] * (len(ids) - n_completion) + ids[len(ids) - n_completion :]
+        feats.append({"input_ids": ids, "labels": labels})
+    return feats
+
+
+def collate_sft(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding is masked in attention and labels."""
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def train_sft(cfg: SFTConfig, model_name: str, template: str, dtype=None, device=None) -> Path:
+    """Run the SFT stage; returns the final adapter folder. Resumes from checkpoints."""
+    from transformers import Trainer
+
+    from prefrec.adapters import write_adapter_meta
+    from prefrec.data.formats import load_examples
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.model import LoraSettings, attach_lora, load
+    from prefrec.train.common import (
+        JsonlLogCallback,
+        last_complete_checkpoint,
+        plot_curves,
+        save_adapter_atomically,
+        save_config,
+        training_arguments,
+        trim_log,
+    )
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = resolve_dataset(cfg.data)
+    examples = load_examples(data_path)
+    if cfg.limit:
+        examples = examples[: cfg.limit]
+    if not examples:
+        raise PrefrecError(f"{data_path}: no training examples")
+
+    model, tokenizer = load(model_name, dtype=dtype, device=device)
+    model = attach_lora(
+        model,
+        LoraSettings(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=cfg.target_modules,
+        ),
+    )
+    model.train()
+    feats = sft_features(tokenizer, sft_pairs(examples), template, cfg.max_length)
+    save_config(cfg, out, {"stage": "sft", "model": model_name, "template": template,
+                           "data_path": str(data_path), "n_examples": len(feats)})
+    use_cuda = next(model.parameters()).is_cuda
+    args = training_arguments(cfg, out, use_cuda)
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=feats,
+        data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
+        callbacks=[JsonlLogCallback(out / "log.jsonl")],
+    )
+    resume = last_complete_checkpoint(out)
+    trim_log(out / "log.jsonl", resume)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        adapter = save_adapter_atomically(
+            trainer.model,
+            out,
+            lambda folder: write_adapter_meta(folder, model_name, [], template, {"stage": "sft"}),
+        )
+        plot_curves(out / "log.jsonl", out / "loss.png", ["loss", "learning_rate", "grad_norm"],
+                    "SFT")
+        log.info("saved adapter to %s", adapter)
+    return out / "adapter"
+
+
+def sft_command(args: argparse.Namespace) -> None:
+    cfg = config_from_args(SFTConfig, args)
+    adapter = train_sft(cfg, args.model, args.template, dtype=args.dtype, device=args.device)
+    print(f"SFT adapter: {adapter}")
