@@ -336,3 +336,14 @@ def test_sdpo_ml100k(ml100k, tmp_path):
     ]
     other = build_sdpo(ml100k, SDPOConfig(seed=1))
     assert [ex.candidates for ex in other.test] != [ex.candidates for ex in data.test]
+
+
+def test_dmpo_repeated_item_counts_once_with_its_latest_rating():
+    events = user_events("u", 7, 4)
+    # u-p0 was liked at time 0 and re-rated 2 at time 500: it is the fifth negative now.
+    events.append(Interaction("u", "u-p0", 2.0, 500))
+    data = build_dmpo(make_log(events), FEW)
+    assert data.report.duplicate_events == 1
+    assert data.sft[0].history == tuple(f"Title u-p{i}" for i in range(1, 6))
+    negatives = {r.meta["negative_item"] for r in data.dpo[5]}
+    assert negatives == {"u-p0", "u-n0", "u-n1", "u-n2", "u-n3"}

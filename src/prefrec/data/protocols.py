@@ -252,25 +252,25 @@ class DMPOData:
 
 @dataclass(frozen=True)
 class _DMPOUser:
-    """One qualifying user: positives (time order) and the negatives drawn for the target."""
+    """One qualifying user's positive and negative items, each in time order."""
 
     user: str
     positives: tuple[str, ...]
-    negatives: tuple[str, ...]  # all negatives, time order
+    negatives: tuple[str, ...]
 
 
-def _dmpo_reason(events: list[Interaction], config: DMPOConfig, titles: Interactions) -> str | None:
+def _dmpo_reason(events: list[Interaction], config: DMPOConfig, log: Interactions) -> str | None:
     """The first rule a user fails, or None."""
     if config.max_interactions is not None and len(events) > config.max_interactions:
         return "too_many_interactions"
     positives = [e.item for e in events if e.rating > config.positive_threshold]
     if len(positives) < config.min_positives:
         return "too_few_positives"
-    target_title = titles.title(positives[-1])
+    target_title = log.title(positives[-1])
     usable = [
         e.item
         for e in events
-        if e.rating <= config.positive_threshold and titles.title(e.item) != target_title
+        if e.rating <= config.positive_threshold and log.title(e.item) != target_title
     ]
     if len(usable) < config.min_negatives:
         return "too_few_negatives"
