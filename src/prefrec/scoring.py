@@ -180,62 +180,96 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 @dataclass
 class PackedGroup:
-    """One group laid out as [prefix | suffix_1 | ... | suffix_m] in a single row.
+    """One group's sequences as a prefix tree (trie) laid out in a single row.
+
+    A *segment* is a maximal run of tokens shared by exactly the same members. Segments are
+    laid out depth-first: first the common prefix of the whole group, then each branch, so
+    every segment comes after all of its ancestors.
 
     Attributes:
-        ids, positions, segments: per row slot: token id, rotary position, and segment
-            (0 = shared prefix, j+1 = suffix of member j).
+        ids, positions, segments: per row slot: token id, rotary position (the token's
+            position in its full sequence) and segment index.
+        parents: per segment, the index of its parent segment (-1 for the root).
         members: item index of each member.
         predictors: per member, the row slots whose hidden states predict its completion
-            tokens (slot of position t-1 for each completion token at position t).
+            tokens (the slot of position t-1 for each completion token at position t).
         targets: per member, its completion token ids.
     """
 
     ids: list[int]
     positions: list[int]
     segments: list[int]
+    parents: list[int]
     members: list[int]
     predictors: list[list[int]]
     targets: list[list[int]]
 
+    def ancestors(self) -> torch.Tensor:
+        """[S, S] bool: ancestors[s, t] is True when segment t is s or lies above it."""
+        n = len(self.parents)
+        table = torch.eye(n, dtype=torch.bool)
+        for s, parent in enumerate(self.parents):
+            if parent >= 0:  # parents precede children, so the parent's row is complete
+                table[s] |= table[parent]
+        return table
+
 
 def pack_group(items: Sequence[TokenizedItem], members: Sequence[int]) -> PackedGroup:
-    """Pack one group's sequences around their longest common token prefix."""
-    seqs = [items[i].ids for i in members]
-    n_prefix = common_prefix_length(seqs)
-    ids, positions, segments = list(seqs[0][:n_prefix]), list(range(n_prefix)), [0] * n_prefix
-    predictors, targets = [], []
-    for j, i in enumerate(members):
-        seq, start = seqs[j], len(ids)  # start: row slot of this member's first suffix token
-        ids.extend(seq[n_prefix:])
-        positions.extend(range(n_prefix, len(seq)))
-        segments.extend([j + 1] * (len(seq) - n_prefix))
-        # Position p of the full sequence lives in slot p (prefix) or start + p - n_prefix.
-        predictors.append(
-            [p if p < n_prefix else start + p - n_prefix for p in range(items[i].n_prompt - 1, len(seq) - 1)]
-        )
-        targets.append(list(seq[items[i].n_prompt :]))
-    return PackedGroup(ids, positions, segments, list(members), predictors, targets)
+    """Pack one group's sequences into a prefix tree; every shared token appears once.
+
+    The root segment is the longest common token prefix of the group (a DMPO user's
+    history); deeper segments share what subsets of members share (a pair's two orderings
+    share their whole prompt). A group of one is its sequence unchanged.
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[int] = []
+    parents: list[int] = []
+    path_slots: dict[int, list[int]] = {}  # member -> row slot of each of its positions
+    # Depth-first over (members sharing everything up to `depth`, depth, parent, slots so far).
+    stack = [(list(members), 0, -1, [])]
+    while stack:
+        node, depth, parent, slots = stack.pop()
+        seqs = [items[i].ids for i in node]
+        n = common_prefix_length([seq[depth:] for seq in seqs])
+        segment, start = len(parents), len(ids)
+        parents.append(parent)
+        ids.extend(seqs[0][depth : depth + n])
+        positions.extend(range(depth, depth + n))
+        segments.extend([segment] * n)
+        slots = slots + list(range(start, start + n))
+        branches: dict[int, list[int]] = {}
+        for i, seq in zip(node, seqs, strict=True):
+            if len(seq) == depth + n:
+                path_slots[i] = slots
+            else:
+                branches.setdefault(seq[depth + n], []).append(i)
+        # Reversed so that branches are laid out in order of first appearance.
+        stack.extend((branch, depth + n, segment, slots) for branch in reversed(branches.values()))
+    predictors = [path_slots[i][items[i].n_prompt - 1 : -1] for i in members]
+    targets = [list(items[i].ids[items[i].n_prompt :]) for i in members]
+    return PackedGroup(ids, positions, segments, parents, list(members), predictors, targets)
 
 
-def block_attention_mask(
+def tree_attention_mask(
     segments: torch.Tensor,
+    ancestors: torch.Tensor,
     positions: torch.Tensor,
     dtype: torch.dtype,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Additive [B, 1, L, L] mask of packed rows: 0 where query q may attend key k, else min.
 
-    allowed(q, k) = k <= q  and  (segment_k == 0  or  segment_k == segment_q),
-    with both slots real (segment >= 0, padding is -1); with a sliding window also
-    position_q - position_k < window (the causal window of the unpacked sequence).
-    Every slot may attend itself, so padding rows stay finite.
+    allowed(q, k) = k <= q  and  ancestors[segment_q, segment_k]
+    (k lies on q's own path through the prefix tree: exactly the tokens before q in its
+    full sequence). Segment ids are global over the batch; padding slots carry a segment
+    with no ancestors. With a sliding window also position_q - position_k < window (the
+    window of the unpacked sequence). Every slot may attend itself, so no row is empty.
     """
     length = segments.shape[1]
     slot = torch.arange(length, device=segments.device)
-    seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-    allowed = (slot[None, None, :] <= slot[None, :, None]) & ((seg_k == 0) | (seg_k == seg_q))
-    allowed &= (seg_q >= 0) & (seg_k >= 0)
+    allowed = ancestors[segments[:, :, None], segments[:, None, :]]
+    allowed &= slot[None, None, :] <= slot[None, :, None]
     if sliding_window is not None:
         allowed &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
     allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)
@@ -262,7 +296,7 @@ def _completion_logprobs(base, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def _layer_masks(base, segments, positions, dtype):
+def _layer_masks(base, segments, ancestors, positions, dtype):
     """The decoder's ``attention_mask`` argument: one 4D mask, or a dict per layer type."""
     config = base.config
     attn = getattr(config, "_attn_implementation", None) or "eager"
@@ -279,13 +313,13 @@ def _layer_masks(base, segments, positions, dtype):
             f"shared-prefix scoring does not support layer types {sorted(unsupported)}; "
             f"score with shared_prefix=False"
         )
-    full = block_attention_mask(segments, positions, dtype)
+    full = tree_attention_mask(segments, ancestors, positions, dtype)
     if layer_types == {"full_attention"}:
         return full
     masks = {"full_attention": full}
     if "sliding_attention" in layer_types:
-        masks["sliding_attention"] = block_attention_mask(
-            segments, positions, dtype, sliding_window=config.sliding_window
+        masks["sliding_attention"] = tree_attention_mask(
+            segments, ancestors, positions, dtype, sliding_window=config.sliding_window
         )
     return masks
 
@@ -293,25 +327,31 @@ def _layer_masks(base, segments, positions, dtype):
 def _score_packed(model, groups: list[PackedGroup], pad_id: int):
     """Run one batch of packed groups; return (token log-probs, owner item of each)."""
     base = _base_model(model)
-    device = base.get_output_embeddings().weight.device
-    dtype = base.get_output_embeddings().weight.dtype
+    head = base.get_output_embeddings().weight
     width = max(len(g.ids) for g in groups)
+    n_segments = sum(len(g.parents) for g in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(groups), width), dtype=torch.long)
-    segments = torch.full((len(groups), width), -1, dtype=torch.long)
+    # Segment ids are global over the batch; id n_segments is padding (no ancestors).
+    segments = torch.full((len(groups), width), n_segments, dtype=torch.long)
+    ancestors = torch.zeros((n_segments + 1, n_segments + 1), dtype=torch.bool)
     rows, slots, targets, owners = [], [], [], []
+    offset = 0
     for b, g in enumerate(groups):
-        n = len(g.ids)
-        ids[b, :n] = torch.tensor(g.ids)
-        positions[b, :n] = torch.tensor(g.positions)
-        segments[b, :n] = torch.tensor(g.segments)
+        n, s = len(g.ids), len(g.parents)
+        ids[b, :n] = torch.tensor(g.ids, dtype=torch.long)
+        positions[b, :n] = torch.tensor(g.positions, dtype=torch.long)
+        segments[b, :n] = torch.tensor(g.segments, dtype=torch.long) + offset
+        ancestors[offset : offset + s, offset : offset + s] = g.ancestors()
+        offset += s
         for item, pred, tgt in zip(g.members, g.predictors, g.targets, strict=True):
             rows.extend([b] * len(pred))
             slots.extend(pred)
             targets.extend(tgt)
             owners.extend([item] * len(tgt))
-    ids, positions, segments = ids.to(device), positions.to(device), segments.to(device)
-    mask = _layer_masks(base, segments, positions, dtype)
+    device = head.device
+    ids, positions = ids.to(device), positions.to(device)
+    mask = _layer_masks(base, segments.to(device), ancestors.to(device), positions, head.dtype)
     hidden = base.get_decoder()(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
     ).last_hidden_state
@@ -385,7 +425,9 @@ def score_completions(
     pieces, owners = [], []
     with torch.set_grad_enabled(grad):
         if shared_prefix:
-            members = group_members(group_ids if group_ids is not None else default_group_ids(prompts))
+            members = group_members(
+                group_ids if group_ids is not None else default_group_ids(prompts)
+            )
             packed = sorted((pack_group(items, m) for m in members), key=lambda g: -len(g.ids))
             for start in range(0, len(packed), batch_size):
                 logps, owner = _score_packed(model, packed[start : start + batch_size], pad_id)

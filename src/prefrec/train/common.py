@@ -32,6 +32,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArguments:
     """Map a prefrec config onto ``transformers.TrainingArguments``."""
     bf16 = use_cuda if cfg.bf16 is None else cfg.bf16
+    extra = {"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}
     return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
@@ -40,23 +41,22 @@ def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArgum
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         lr_scheduler_type=cfg.scheduler,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio in transformers 5
         weight_decay=cfg.weight_decay,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        logging_dir=str(out_dir / "tensorboard"),
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=bf16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
         label_names=[],
         use_cpu=not use_cuda,
+        **extra,
     )
 
 

@@ -28,7 +28,7 @@ class TrainConfig:
     batch_size: int = _f(4, "groups (or examples) per device per step")
     grad_accum: int = _f(1, "gradient accumulation steps")
     lr: float = _f(2e-4, "peak learning rate (cosine schedule)")
-    warmup_ratio: float = _f(0.05, "share of steps for linear warm-up")
+    warmup_ratio: float = _f(0.05, "share of steps for linear warm-up (< 1)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     scheduler: str = _f("cosine", "learning-rate schedule (transformers' names)")
     max_length: int = _f(1024, "truncate prompt+completion to this many tokens (left side)")

@@ -2,7 +2,7 @@
 
 Built on ``transformers.Trainer``: gradient accumulation, the cosine schedule, mixed
 precision, ``report_to``, checkpoints and resume come from the ecosystem. Prompt and
-completion are tokenised exactly as the scorer tokenises them (:func:`encode_completion`),
+completion are tokenised exactly as the scorer tokenises them (``tokenize_items``),
 so the SFT model is trained on the token sequences it is later scored on.
 """
 
@@ -40,19 +40,22 @@ def sft_features(
     tokenizer, pairs: Sequence[tuple[str, str]], template: str, max_length: int
 ) -> list[dict[str, list[int]]]:
     """Token ids and labels; prompt positions are masked with -100 so only the completion
-    (and its EOS) is learned."""
-    from prefrec.scoring import encode_completion
+    (and its EOS) is learned. Tokenised by the scorer's :func:`tokenize_items`."""
+    from prefrec.scoring import tokenize_items
 
-    feats = []
-    for instruction, completion in pairs:
-        prompt_ids, completion_ids = encode_completion(
-            tokenizer, model_input(instruction, template, tokenizer), completion
-        )
-        ids = (prompt_ids + completion_ids)[-max_length:]
-        n_completion = min(len(completion_ids), len(ids))
-        labels = [IGNORE_INDEX] * (len(ids) - n_completion) + ids[len(ids) - n_completion :]
-        feats.append({"input_ids": ids, "labels": labels})
-    return feats
+    items = tokenize_items(
+        tokenizer,
+        [model_input(instruction, template, tokenizer) for instruction, _ in pairs],
+        [completion for _, completion in pairs],
+        max_length=max_length,
+    )
+    return [
+        {
+            "input_ids": list(item.ids),
+            "labels": [IGNORE_INDEX] * item.n_prompt + list(item.ids[item.n_prompt :]),
+        }
+        for item in items
+    ]
 
 
 def collate_sft(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -69,7 +72,14 @@ def collate_sft(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def train_sft(cfg: SFTConfig, model_name: str, template: str, dtype=None, device=None) -> Path:
+def train_sft(
+    cfg: SFTConfig,
+    model_name: str,
+    template: str,
+    dtype=None,
+    device=None,
+    data_dir: str | None = None,
+) -> Path:
     """Run the SFT stage; returns the final adapter folder. Resumes from checkpoints."""
     from transformers import Trainer
 
@@ -89,7 +99,7 @@ def train_sft(cfg: SFTConfig, model_name: str, template: str, dtype=None, device
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_path = resolve_dataset(cfg.data)
+    data_path = resolve_dataset(cfg.data, data_dir=data_dir)
     examples = load_examples(data_path)
     if cfg.limit:
         examples = examples[: cfg.limit]
@@ -140,5 +150,6 @@ def train_sft(cfg: SFTConfig, model_name: str, template: str, dtype=None, device
 
 def sft_command(args: argparse.Namespace) -> None:
     cfg = config_from_args(SFTConfig, args)
-    adapter = train_sft(cfg, args.model, args.template, dtype=args.dtype, device=args.device)
+    adapter = train_sft(cfg, args.model, args.template, dtype=args.dtype, device=args.device,
+                        data_dir=args.data_dir)
     print(f"SFT adapter: {adapter}")
