@@ -74,6 +74,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     eval_command(args)
 
 
+def _cmd_summarize(args: argparse.Namespace) -> None:
+    from prefrec.evaluate import summarize_command
+
+    summarize_command(args)
+
+
 def _cmd_sft(args: argparse.Namespace) -> None:
     from prefrec.train.sft import sft_command
 
@@ -165,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(e)
     add_eval_args(e)
     e.set_defaults(func=_cmd_eval)
+
+    sm = sub.add_parser("summarize", help="one markdown table from several eval folders")
+    sm.add_argument("dirs", nargs="+", help="eval output folders (with metrics.json)")
+    sm.add_argument("--metrics", default=None, help="comma list of metrics (default: all)")
+    sm.add_argument("--output", "-o", default=None, help="also write the table here")
+    sm.set_defaults(func=_cmd_summarize)
 
     # training
     from prefrec.train.config import add_align_args, add_sft_args

@@ -370,3 +370,37 @@ def eval_command(args: argparse.Namespace) -> None:
                       n_boot=args.n_boot, overwrite=args.overwrite)
     print((out / "metrics.md").read_text(encoding="utf-8"))
     print(f"wrote {out}/metrics.json ({result['wall_time_s']:.1f} s)")
+
+
+def summary_table(eval_dirs: Sequence[str | Path], metrics: Sequence[str] | None = None) -> str:
+    """A markdown table, one row per evaluation folder, one column per metric (value [CI])."""
+    rows = []
+    for d in eval_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise PrefrecError(f"{d}: no metrics.json (has this evaluation finished?)")
+        rows.append((Path(d).name, json.loads(path.read_text(encoding="utf-8"))))
+    names = list(metrics or dict.fromkeys(k for _, r in rows for k in r["metrics"]))
+    lines = [
+        "| run | " + " | ".join(names) + " | n | wall time |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for run, result in rows:
+        cells = []
+        n = ""
+        for name in names:
+            m = result["metrics"].get(name)
+            if m is None or m["value"] is None:
+                cells.append("–")
+                continue
+            cells.append(f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+            n = n or str(m["n"])
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {n} | {result['wall_time_s']:.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize_command(args: argparse.Namespace) -> None:
+    table = summary_table(args.dirs, args.metrics.split(",") if args.metrics else None)
+    print(table)
+    if args.output:
+        atomic_write_text(args.output, table)

