@@ -109,7 +109,7 @@ def train_sft(
     model, tokenizer = load(model_name, dtype=dtype, device=device)
     # Seed before the LoRA A matrices are drawn: Trainer seeds only when it is built, after
     # them, so unseeded runs (and a resumed run's fresh init) would start from other weights.
-    pass  # set_seed(cfg.seed)
+    set_seed(cfg.seed)
     model = attach_lora(
         model,
         LoraSettings(
