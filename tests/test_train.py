@@ -10,6 +10,7 @@ process fighting other processes for the cores made a tiny-model step ~30x slowe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from prefrec.data.formats import load_examples
 from prefrec.data.prompts import model_input
 from prefrec.data.resolve import resolve_dataset
 from prefrec.data.schema import group_pairs_by_user
+from prefrec.errors import PrefrecError
 from prefrec.model import LoraSettings, attach_lora, load, load_for_scoring
 from prefrec.scoring import score_completions
 from prefrec.train.align import build_groups, limit_examples, train_align
@@ -576,3 +578,24 @@ def test_embedded_smollm2_sft_align_eval(embedded_model, tmp_path, monkeypatch):
             sft_logits = plain(**enc).logits
     torch.testing.assert_close(peft_logits, prefrec_logits, rtol=1e-4, atol=1e-4)
     assert (peft_logits - sft_logits).abs().max() > 1e-3  # the align adapter is not a no-op
+
+
+def test_rerunning_a_finished_stage_is_a_no_op_and_other_settings_are_refused(
+    sft_run, tiny_dir, monkeypatch
+):
+    """A pipeline re-run after a crash skips finished stages instead of retraining them."""
+    import transformers
+
+    cfg, out, adapter, _ = sft_run
+    before = (adapter / "adapter_model.safetensors").read_bytes()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage must not train again")
+
+    monkeypatch.setattr(transformers.Trainer, "train", no_training)
+    assert train_sft(cfg, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu") == adapter
+    assert (adapter / "adapter_model.safetensors").read_bytes() == before
+
+    changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
+    with pytest.raises(PrefrecError, match=r"other settings \(lr\)"):
+        train_sft(changed, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")

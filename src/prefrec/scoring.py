@@ -13,31 +13,37 @@ Shared-prefix scoring
 ---------------------
 Items with the same group id (default: consecutive items with an identical prompt) are
 scored together. Their full token sequences share a longest common prefix: the user's
-history in DMPO pairwise data (a user's K prompts differ only in the candidate pair at the
-end), the whole prompt plus the first completion tokens for a pair's two orderings, the
-prompt for S-DPO candidate selection. Each group becomes ONE packed row
+history in DMPO pairwise data (a user's K prompts differ only in the candidate pair near
+the end), the whole prompt plus the first completion tokens for a pair's two orderings,
+the prompt for S-DPO candidate selection. Each group becomes ONE packed row
 
-    [prefix | suffix_1 | suffix_2 | ... | suffix_m]
+    [common prefix | suffix_1 | suffix_2 | ... | suffix_m]
 
 run through the decoder with a 4D block attention mask -- prefix tokens attend causally
-to the prefix, suffix_j tokens attend to the whole prefix and causally to suffix_j, never to
-another suffix -- and explicit ``position_ids`` (suffix_j continues at the prefix length),
-so every suffix token sees exactly the context and rotary positions it has in its own
-full sequence. The prefix runs once per group, and gradients flow through it into every
-member's score. The vocabulary head is applied only to the hidden states that predict
-completion tokens (about 20 per sequence instead of ~650), and log_softmax runs in fp32.
+to the prefix, suffix_j tokens attend to the whole prefix and causally to suffix_j, never
+to another suffix -- and explicit ``position_ids`` (suffix_j continues at the prefix
+length), so every token sees exactly the context and rotary positions it has in its own
+full sequence. The same rule applied recursively gives a prefix tree (trie): suffixes
+that share tokens among themselves (a DMPO prompt's two orderings share the prompt's
+candidate part and `` <Title:``) share those too. The row is the trie's segments in
+depth-first order, and a token may attend to the earlier tokens of its own segment and to
+every token of the segments above it. The common prefix is the root segment; a group of one
+is its sequence unchanged. The prefix runs once per group, and gradients flow through it
+into every member's score. The vocabulary head is applied only to the hidden states that
+predict completion tokens (about 17 per DMPO sequence instead of ~420), and log_softmax
+runs in fp32.
 
-Why packing with a block mask rather than a prefix KV cache expanded over the suffixes
-(the other exact method): both run the same tokens through the linear layers, which is where
-the time goes on CPU and at these lengths (attention is < 20% of the FLOPs for a ~900-token
-packed row of SmolLM2). Packing does it in ONE forward per batch instead of two plus a
+Why a packed row with a block mask (option a) rather than a prefix KV cache expanded over
+the suffixes (option b)? Both are exact and run the same tokens through the linear layers,
+which is where the time goes (in a CPU profile of the packed path, 57% ``aten::mm``,
+15% attention with the dense mask). Packing does it in ONE forward per batch instead of two plus a
 per-layer cache copy; it needs no padding *between* prefix and suffix when groups of
-different prefix lengths share a batch (a batched cache would, shifting the window of
-sliding-attention layers); autograd through it is plain (no cache tensors to keep alive);
+different prefix lengths share a batch (a batched cache does, which shifts the window of
+sliding-attention layers); autograd through it is plain; it extends to the trie for free;
 and layers with sliding windows (Gemma 3, some Qwen) are handled exactly by building their
-window from the logical positions. Measured on SmolLM2-135M / CPU with 16 DMPO ML-1M groups
-of 6 sequences, the block mask was also faster -- see ``benchmarks/bench_scoring.py`` and the
-numbers in the project report.
+window from the logical positions. Measured interleaved on SmolLM2-135M / CPU (8 DMPO ML-1M
+groups of 6 sequences, a prototype of the cache variant, before the trie), the packed row
+was faster in 7 of 8 repetitions (best 7.0 s against 9.4 s).
 
 transformers (5.x) passes a 4D ``attention_mask`` through ``create_causal_mask`` unchanged
 (``_preprocess_mask_arguments`` early-exits on 4D tensors); models with several layer types

@@ -326,12 +326,16 @@ def train_align(
         plot_curves,
         save_adapter_atomically,
         save_config,
+        stage_is_done,
         training_arguments,
         trim_log,
     )
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if stage_is_done(cfg, out):
+        log.info("%s already holds the finished adapter of this config; nothing to do", out)
+        return out / "adapter"
     if cfg.loss not in ("dpo", "dmpo", "sdpo"):
         raise PrefrecError(f"--loss {cfg.loss}: expected dpo, dmpo or sdpo")
     data_path = resolve_dataset(cfg.data, data_dir=data_dir)

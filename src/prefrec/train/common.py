@@ -100,6 +100,29 @@ def save_config(cfg: Any, out_dir: Path, extra: dict[str, Any] | None = None) ->
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
+def stage_is_done(cfg: Any, out_dir: Path) -> bool:
+    """True when ``out_dir`` already holds the final adapter of a run with this config.
+
+    Re-running a finished command is then a no-op, so a pipeline that crashed later can be
+    re-run from the top. An ``out_dir`` whose ``config.yaml`` has other settings is refused
+    rather than resumed or overwritten.
+    """
+    from prefrec.errors import PrefrecError
+
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.is_file():
+        return False
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    current = dataclasses.asdict(cfg)
+    changed = sorted(k for k, v in current.items() if saved.get(k) != v)
+    if changed:
+        raise PrefrecError(
+            f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+            "use another --out or delete it"
+        )
+    return (out_dir / "adapter" / "adapter_config.json").is_file()
+
+
 def save_adapter_atomically(model, out_dir: Path, write_meta) -> Path:
     """Save the PEFT adapter to ``out_dir/adapter`` via a temporary folder and a rename.
 

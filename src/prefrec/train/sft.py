@@ -93,12 +93,16 @@ def train_sft(
         plot_curves,
         save_adapter_atomically,
         save_config,
+        stage_is_done,
         training_arguments,
         trim_log,
     )
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    if stage_is_done(cfg, out):
+        log.info("%s already holds the finished adapter of this config; nothing to do", out)
+        return out / "adapter"
     data_path = resolve_dataset(cfg.data, data_dir=data_dir)
     examples = load_examples(data_path)
     if cfg.limit:
