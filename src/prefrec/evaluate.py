@@ -3,6 +3,7 @@
 Output folder layout (``--out``)::
 
     eval_config.json   what was evaluated (data, model, adapters, template, subset)
+    eval_time.json     wall time, summed over the invocations of a resumed evaluation
     scores.jsonl       one row per example: the raw log-probs, so any metric can be recomputed
     generations.jsonl  selection data in generation mode: the greedy answer per example
     metrics.json       every metric with its 95% bootstrap CI and n
@@ -292,7 +293,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "eval_config.json"
     if overwrite:
-        for name in ("scores.jsonl", "generations.jsonl", "metrics.json", "metrics.md"):
+        for name in ("scores.jsonl", "generations.jsonl", "metrics.json", "metrics.md",
+                     "eval_time.json"):
             (out / name).unlink(missing_ok=True)
     elif cfg_path.exists():
         previous = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -321,7 +323,11 @@ def evaluate(
             rows = _generate_rows(model, tokenizer, examples, indices, settings.template,
                                   batch_size, settings.max_new_tokens, out / "generations.jsonl")
             metrics.update(generation_metrics(rows, examples, n_boot, settings.seed))
-    elapsed = time.perf_counter() - started
+    # Wall time adds up over the invocations of a resumed evaluation.
+    time_path = out / "eval_time.json"
+    before = json.loads(time_path.read_text())["wall_time_s"] if time_path.exists() else 0.0
+    elapsed = before + time.perf_counter() - started
+    atomic_write_json(time_path, {"wall_time_s": elapsed})
     notes.append(f"wall time: {elapsed:.1f} s for {len(indices)} examples")
     result = {
         "settings": asdict(settings),
