@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The README's main job on the embedded SmolLM2-135M and the shipped ML-1M DMPO data:
 # data audit, zero-shot eval, SFT, DMPO and S-DPO at K=3, evaluation of every model, and a
-# summary table. Sized to finish in about 15 minutes on 2 CPU cores; scale it up with
+# summary table. Sized to finish in about 10-15 minutes on 2 CPU cores; scale it up with
 # N_EVAL, SFT_N, GROUPS (the results at this size are a smoke test, not a benchmark).
 # Re-running continues where a killed run stopped (training and eval both resume).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=${PREFREC:-.venv/bin/prefrec}
 OUT=${OUT:-runs/quickstart}
-N_EVAL=${N_EVAL:-50}      # eval pairs (seeded subset of the 1000)
-SFT_N=${SFT_N:-32}        # SFT prompts
-GROUPS=${GROUPS:-16}      # preference groups (users) of K=3 negatives
+N_EVAL=${N_EVAL:-40}      # eval pairs (seeded subset of the 1000)
+SFT_N=${SFT_N:-16}        # SFT prompts
+GROUPS=${GROUPS:-8}       # preference groups (users) of K=3 negatives
 start=$(date +%s)
 mkdir -p "$OUT"
 
