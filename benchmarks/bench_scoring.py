@@ -64,7 +64,10 @@ def preference_batch(data: Path, n_groups: int):
     rows = read_dmpo(data / "dmpo" / "rec_data_ml_1m_dpo_ranking_3.json")
     prompts, completions, groups = [], [], []
     for g in group_pairs_by_user(rows)[:n_groups]:
-        for prompt, completion in [(g.prompt, g.chosen), *zip(g.rejected_prompts, g.rejected)]:
+        for prompt, completion in [
+            (g.prompt, g.chosen),
+            *zip(g.rejected_prompts, g.rejected, strict=True),
+        ]:
             prompts.append(model_input(prompt))
             completions.append(completion)
             groups.append(g.user)
