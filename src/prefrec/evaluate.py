@@ -30,7 +30,13 @@ import numpy as np
 from prefrec.data.prompts import model_input
 from prefrec.data.schema import PairwiseExample, SelectionExample
 from prefrec.errors import PrefrecError
-from prefrec.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl_tolerant
+from prefrec.io import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl_tolerant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,20 @@ def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:
 # --------------------------------------------------------------------------- scoring loops
 
 
+def _resume(rows_path: Path, indices: Sequence[int]) -> tuple[dict[int, dict], list[int]]:
+    """Rows already on disk (by example index) and the indices still to do.
+
+    The file is rewritten atomically without a torn last line before new rows are appended.
+    """
+    done = {r["index"]: r for r in read_jsonl_tolerant(rows_path)}
+    atomic_write_jsonl(rows_path, done.values())
+    todo = [i for i in indices if i not in done]
+    if done:
+        log.info("resuming %s: %d of %d examples done", rows_path.name,
+                 len(indices) - len(todo), len(indices))
+    return done, todo
+
+
 def _score_rows(
     model,
     tokenizer,
@@ -95,14 +115,7 @@ def _score_rows(
 
     from prefrec.scoring import score_completions
 
-    done = {r["index"]: r for r in read_jsonl_tolerant(rows_path)}
-    # Rewrite the file without a torn tail before appending to it.
-    with open(rows_path, "w", encoding="utf-8") as fh:
-        for r in done.values():
-            append_jsonl(fh, r)
-    todo = [i for i in indices if i not in done]
-    if done:
-        log.info("resuming: %d of %d examples already scored", len(indices) - len(todo), len(indices))
+    done, todo = _resume(rows_path, indices)
     with open(rows_path, "a", encoding="utf-8") as fh, tqdm(
         total=len(indices), initial=len(indices) - len(todo), unit="ex", desc="scoring"
     ) as bar:
@@ -171,11 +184,7 @@ def _generate_rows(
 
     from prefrec.model import padding_side
 
-    done = {r["index"]: r for r in read_jsonl_tolerant(rows_path)}
-    with open(rows_path, "w", encoding="utf-8") as fh:
-        for r in done.values():
-            append_jsonl(fh, r)
-    todo = [i for i in indices if i not in done]
+    done, todo = _resume(rows_path, indices)
     device = next(model.parameters()).device
     with open(rows_path, "a", encoding="utf-8") as fh, tqdm(
         total=len(indices), initial=len(indices) - len(todo), unit="ex", desc="generating"
