@@ -93,3 +93,10 @@ def test_data_build_too_few_users_is_one_line_error(shared_data, capsys, tmp_pat
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "users qualify" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("cmd", [["sft"], ["align"], ["eval"]])
+def test_limit_zero_is_refused_not_read_as_no_limit(cmd, capsys):
+    code = main([*cmd, "--data", "ml1m-sft", "--out", "x", "--limit", "0"])
+    assert code == 2
+    assert "--limit 0: expected at least 1" in capsys.readouterr().err

@@ -355,6 +355,8 @@ def eval_command(args: argparse.Namespace) -> None:
     from prefrec.data.resolve import resolve_dataset
     from prefrec.model import load_for_scoring
 
+    if args.limit is not None and args.limit < 1:
+        raise PrefrecError(f"--limit {args.limit}: expected at least 1")
     path = resolve_dataset(args.data, data_dir=args.data_dir)
     examples = load_examples(path)
     if not examples:

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
+from prefrec.errors import PrefrecError
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
@@ -112,4 +114,7 @@ def add_align_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Build ``cls`` from parsed flags (fields absent from ``args`` keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if values.get("limit") is not None and values["limit"] < 1:
+        # 0 would otherwise read as "no limit" and silently train on everything.
+        raise PrefrecError(f"--limit {values['limit']}: expected at least 1")
     return cls(**values)
