@@ -322,13 +322,10 @@ def train_align(
     )
     from prefrec.train.common import (
         JsonlLogCallback,
-        last_complete_checkpoint,
-        plot_curves,
-        save_adapter_atomically,
         save_config,
         stage_is_done,
+        train_and_save,
         training_arguments,
-        trim_log,
     )
 
     out = Path(cfg.out)
@@ -384,28 +381,16 @@ def train_align(
         align=cfg,
         template=template,
     )
-    resume = last_complete_checkpoint(out)
-    trim_log(out / "log.jsonl", resume)
-    if resume:
-        log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    if trainer.is_world_process_zero():
-        adapter = save_adapter_atomically(
-            trainer.model,
-            out,
-            lambda folder: write_adapter_meta(
-                folder, chain.base_model, chain.adapters, template,
-                {"stage": "align", "loss": cfg.loss, "beta": cfg.beta, "ftx": cfg.ftx},
-            ),
-        )
-        plot_curves(
-            out / "log.jsonl",
-            out / "loss.png",
-            ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"],
-            f"{cfg.loss.upper()} (K={cfg.negatives or 'all'}, beta={cfg.beta}, ftx={cfg.ftx})",
-        )
-        log.info("saved adapter to %s", adapter)
-    return out / "adapter"
+    return train_and_save(
+        trainer,
+        out,
+        lambda folder: write_adapter_meta(
+            folder, chain.base_model, chain.adapters, template,
+            {"stage": "align", "loss": cfg.loss, "beta": cfg.beta, "ftx": cfg.ftx},
+        ),
+        ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"],
+        f"{cfg.loss.upper()} (K={cfg.negatives or 'all'}, beta={cfg.beta}, ftx={cfg.ftx})",
+    )
 
 
 def align_command(args: argparse.Namespace) -> None:

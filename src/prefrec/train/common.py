@@ -192,3 +192,20 @@ def trim_log(log_path: Path, checkpoint: str | None) -> None:
         if row.get("step", 0) <= step:
             kept.append(line + "\n")
     atomic_write_text(log_path, "".join(kept))
+
+
+def train_and_save(
+    trainer, out_dir: Path, write_meta, curve_keys: list[str], title: str
+) -> Path:
+    """Resume from the last complete checkpoint (if any), train, then on the main process
+    save the final adapter atomically and plot the curves. Returns ``out_dir/adapter``."""
+    resume = last_complete_checkpoint(out_dir)
+    trim_log(out_dir / "log.jsonl", resume)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        adapter = save_adapter_atomically(trainer.model, out_dir, write_meta)
+        plot_curves(out_dir / "log.jsonl", out_dir / "loss.png", curve_keys, title)
+        log.info("saved adapter to %s", adapter)
+    return out_dir / "adapter"

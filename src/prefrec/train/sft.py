@@ -89,13 +89,10 @@ def train_sft(
     from prefrec.model import LoraSettings, attach_lora, load
     from prefrec.train.common import (
         JsonlLogCallback,
-        last_complete_checkpoint,
-        plot_curves,
-        save_adapter_atomically,
         save_config,
         stage_is_done,
+        train_and_save,
         training_arguments,
-        trim_log,
     )
 
     out = Path(cfg.out)
@@ -138,21 +135,13 @@ def train_sft(
         data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
         callbacks=[JsonlLogCallback(out / "log.jsonl")],
     )
-    resume = last_complete_checkpoint(out)
-    trim_log(out / "log.jsonl", resume)
-    if resume:
-        log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    if trainer.is_world_process_zero():
-        adapter = save_adapter_atomically(
-            trainer.model,
-            out,
-            lambda folder: write_adapter_meta(folder, model_name, [], template, {"stage": "sft"}),
-        )
-        plot_curves(out / "log.jsonl", out / "loss.png", ["loss", "learning_rate", "grad_norm"],
-                    "SFT")
-        log.info("saved adapter to %s", adapter)
-    return out / "adapter"
+    return train_and_save(
+        trainer,
+        out,
+        lambda folder: write_adapter_meta(folder, model_name, [], template, {"stage": "sft"}),
+        ["loss", "learning_rate", "grad_norm"],
+        "SFT",
+    )
 
 
 def sft_command(args: argparse.Namespace) -> None:
