@@ -100,3 +100,19 @@ def test_limit_zero_is_refused_not_read_as_no_limit(cmd, capsys):
     code = main([*cmd, "--data", "ml1m-sft", "--out", "x", "--limit", "0"])
     assert code == 2
     assert "--limit 0: expected at least 1" in capsys.readouterr().err
+
+
+def test_every_source_folder_is_a_package_the_wheel_ships():
+    """setuptools' find_packages skips folders without __init__.py: a non-editable
+    install would then miss them, while editable installs (and so the tests) still work."""
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    folders = {
+        ".".join(p.relative_to(src).parts)
+        for p in (src / "prefrec").rglob("*")
+        if p.is_dir() and p.name != "__pycache__" and any(p.glob("*.py"))
+    } | {"prefrec"}
+    assert folders <= set(find_packages(str(src)))
