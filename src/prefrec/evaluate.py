@@ -349,22 +349,44 @@ def evaluate(
     return result
 
 
-def eval_command(args: argparse.Namespace) -> None:
+def run_eval(
+    data: str,
+    out: str | Path | None = None,
+    *,
+    model: str = "smollm2-135m",
+    adapter: str | Path | None = None,
+    template: str = "alpaca",
+    data_dir: str | None = None,
+    limit: int | None = None,
+    seed: int = 42,
+    mode: str = "likelihood",
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    n_boot: int = 1000,
+    dtype: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, dict[str, Any]]:
+    """Resolve ``data``, load the model (+ adapter chain), evaluate; returns (out, metrics.json).
+
+    A folder whose ``metrics.json`` already holds these settings is returned as it is,
+    without loading the model, so pipelines can re-run finished evaluations for free.
+    """
     from prefrec.adapters import adapter_chain
     from prefrec.data.formats import load_examples
     from prefrec.data.resolve import resolve_dataset
     from prefrec.model import load_for_scoring
 
-    if args.limit is not None and args.limit < 1:
-        raise PrefrecError(f"--limit {args.limit}: expected at least 1")
-    path = resolve_dataset(args.data, data_dir=args.data_dir)
+    if limit is not None and limit < 1:
+        raise PrefrecError(f"--limit {limit}: expected at least 1")
+    path = resolve_dataset(data, data_dir=data_dir)
     examples = load_examples(path)
     if not examples:
         raise PrefrecError(f"{path}: no examples")
     task = "pairwise" if isinstance(examples[0], PairwiseExample) else "selection"
-    chain = adapter_chain(args.adapter, args.model)
-    template = args.template if chain.template is None else chain.template
-    modes = ["likelihood", "generate"] if args.mode == "both" else [args.mode]
+    chain = adapter_chain(adapter, model)
+    template = template if chain.template is None else chain.template
+    modes = ["likelihood", "generate"] if mode == "both" else [mode]
     if task == "pairwise" and modes != ["likelihood"]:
         raise PrefrecError("--mode generate applies to candidate-selection data only")
     settings = EvalSettings(
@@ -372,19 +394,35 @@ def eval_command(args: argparse.Namespace) -> None:
         model=chain.base_model,
         adapters=[str(a) for a in chain.adapters],
         template=template,
-        limit=args.limit,
-        seed=args.seed,
+        limit=limit,
+        seed=seed,
         n_examples=len(examples),
         task=task,
         modes=modes,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new_tokens,
     )
-    out = Path(args.out or Path("runs") / "eval" / path.stem)
-    model, tokenizer = load_for_scoring(
-        chain.base_model, [str(a) for a in chain.adapters], dtype=args.dtype, device=args.device
+    out = Path(out or Path("runs") / "eval" / path.stem)
+    done = out / "metrics.json"
+    if not overwrite and done.is_file():
+        result = json.loads(done.read_text(encoding="utf-8"))
+        if result.get("settings") == asdict(settings):
+            log.info("%s already holds this evaluation; nothing to do", out)
+            return out, result
+    loaded, tokenizer = load_for_scoring(
+        chain.base_model, settings.adapters, dtype=dtype, device=device
     )
-    result = evaluate(model, tokenizer, examples, out, settings, batch_size=args.batch_size,
-                      n_boot=args.n_boot, overwrite=args.overwrite)
+    result = evaluate(loaded, tokenizer, examples, out, settings, batch_size=batch_size,
+                      n_boot=n_boot, overwrite=overwrite)
+    return out, result
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    out, result = run_eval(
+        args.data, args.out, model=args.model, adapter=args.adapter, template=args.template,
+        data_dir=args.data_dir, limit=args.limit, seed=args.seed, mode=args.mode,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_boot=args.n_boot,
+        dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+    )
     print((out / "metrics.md").read_text(encoding="utf-8"))
     print(f"wrote {out}/metrics.json ({result['wall_time_s']:.1f} s)")
 

@@ -1,0 +1,476 @@
+"""The experiment runner: ``prefrec run CONFIG.yaml [key=value ...]``.
+
+One config file describes a whole study; the runner executes its stages in order and
+writes a report. Per experiment (a training set and an eval set)::
+
+    data        resolve the files (or split one by user), audit them
+    zero-shot   evaluate the base model
+    sft         LoRA SFT, then evaluate it
+    align       one preference stage per (loss, K), each on top of the SFT adapter; evaluate
+    cross       evaluate every trained model on other experiments' eval sets (cross-domain)
+    baselines   classical recommenders on the same eval examples
+
+then ``report.md``, ``report.html`` and ``results.json`` (:mod:`prefrec.report`).
+
+Every stage is resumable: training stages are no-ops once their adapter exists (and
+refuse a changed config), evaluations return at once when their ``metrics.json`` holds
+the same settings, and a killed evaluation continues from its per-example file. So
+re-running the same command after a crash continues where it stopped. Stage wall times
+are appended to ``stages.jsonl``.
+
+Output layout (``out`` in the config)::
+
+    config.yaml                 the resolved config (after overrides)
+    stages.jsonl                one row per stage run: name, status, seconds
+    <exp>/audit.md|json         data audit
+    <exp>/data/                 split files, when the experiment splits one file
+    <exp>/sft/, <exp>/<loss>-k<K>/        training stages (adapter/, log.jsonl, loss.png)
+    <exp>/eval/<model>/         evaluation of each model on the experiment's eval set
+    <exp>/cross/<other>/<model>/  the same models on another experiment's eval set
+    <exp>/baselines/<method>/   baseline scores + metrics in the eval layout
+    report.md, report.html, results.json, figures/
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefrec.errors import PrefrecError
+from prefrec.io import append_jsonl, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Top-level keys and their defaults. Sections map onto the stage configs.
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "out": None,
+    "model": "smollm2-135m",
+    "template": "alpaca",
+    "dtype": None,
+    "device": None,
+    "data_dir": None,
+    "experiments": [],
+    "zero_shot": True,
+    "sft": {},
+    "align": {"losses": ["dmpo"], "negatives": [3]},
+    "eval": {},
+    "baselines": None,
+    "significance": {"n_boot": 1000},
+}
+EVAL_KEYS = {
+    "limit": None,
+    "seed": 42,
+    "batch_size": 4,
+    "n_boot": 1000,
+    "mode": "likelihood",
+    "max_new_tokens": 32,
+}
+EXPERIMENT_KEYS = {"name", "sft", "preference", "eval", "audit", "baselines_train", "split",
+                   "cross_eval"}
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class Experiment:
+    """One training set + eval set pair; ``preference`` may contain ``{k}``."""
+
+    name: str
+    eval: str
+    sft: str | None = None
+    preference: str | None = None
+    audit: list[str] = field(default_factory=list)
+    baselines_train: list[str] = field(default_factory=list)
+    split: dict[str, Any] | None = None
+    cross_eval: list[str] = field(default_factory=list)
+
+    def preference_data(self, k: int) -> str | None:
+        return None if self.preference is None else self.preference.replace("{k}", str(k))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so 3, [dpo, dmpo], null work)."""
+    if "=" not in text:
+        raise PrefrecError(f"override {text!r}: expected key=value (e.g. eval.limit=100)")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise PrefrecError(f"override {text!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as err:
+        raise PrefrecError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.split("."), parsed
+
+
+def apply_override(config: dict[str, Any], path: list[str], value: Any) -> None:
+    node = config
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise PrefrecError(f"override {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _check_keys(section: str, given: dict[str, Any], allowed: set[str], source: str) -> None:
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise PrefrecError(
+            f"{source}: unknown key(s) {', '.join(unknown)} in {section}; "
+            f"expected some of: {', '.join(sorted(allowed))}"
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a run config, apply ``key=value`` overrides, fill defaults and validate keys."""
+    from prefrec.train.config import AlignConfig, SFTConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise PrefrecError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise PrefrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise PrefrecError(f"{path}: expected a mapping at the top level")
+    for text in overrides or []:
+        apply_override(raw, *parse_override(text))
+    config = copy.deepcopy(DEFAULTS)
+    _check_keys("the top level", raw, set(DEFAULTS), str(path))
+    config.update(raw)
+    if config["out"] is None:
+        config["out"] = str(Path("runs") / config["name"])
+
+    stage_fields = {f.name for f in dataclasses.fields(SFTConfig)} - {"data", "out"}
+    sft = config["sft"]
+    if sft not in (None, False):
+        _check_keys("sft", sft, stage_fields, str(path))
+    align = config["align"]
+    if align not in (None, False):
+        align_fields = {f.name for f in dataclasses.fields(AlignConfig)} - {"data", "out", "sft"}
+        _check_keys("align", align, align_fields | {"losses"}, str(path))
+        align.setdefault("losses", ["dmpo"])
+        align.setdefault("negatives", [3])
+        for key in ("losses", "negatives"):
+            if not isinstance(align[key], list):
+                align[key] = [align[key]]
+        bad = [x for x in align["losses"] if x not in ("dpo", "dmpo", "sdpo")]
+        if bad:
+            raise PrefrecError(f"{path}: align.losses has {bad}; expected dpo, dmpo or sdpo")
+    _check_keys("eval", config["eval"], set(EVAL_KEYS), str(path))
+    config["eval"] = {**EVAL_KEYS, **config["eval"]}
+    if config["baselines"]:
+        _check_keys("baselines", config["baselines"], {"methods", "config", "limit"}, str(path))
+
+    if not config["experiments"]:
+        raise PrefrecError(f"{path}: no experiments (a list with name, eval, sft, preference)")
+    names = set()
+    for i, exp in enumerate(config["experiments"]):
+        where = f"{path}: experiments[{i}]"
+        if not isinstance(exp, dict):
+            raise PrefrecError(f"{where}: expected a mapping")
+        _check_keys(f"experiments[{i}]", exp, EXPERIMENT_KEYS, str(path))
+        if "name" not in exp:
+            raise PrefrecError(f"{where}: missing name")
+        if "eval" not in exp and "split" not in exp:
+            raise PrefrecError(f"{where}: needs eval (or split)")
+        if exp["name"] in names:
+            raise PrefrecError(f"{where}: duplicate experiment name {exp['name']!r}")
+        names.add(exp["name"])
+    for exp in config["experiments"]:
+        for other in exp.get("cross_eval", []) or []:
+            if other not in names:
+                raise PrefrecError(
+                    f"{path}: experiment {exp['name']!r} cross_eval names {other!r}, "
+                    "which is not an experiment"
+                )
+    return config
+
+
+def experiments(config: dict[str, Any]) -> list[Experiment]:
+    """The config's experiments; a split experiment's data default to its split files."""
+    out = []
+    for exp in config["experiments"]:
+        out.append(Experiment(
+            name=exp["name"],
+            eval=exp.get("eval", ""),
+            sft=exp.get("sft"),
+            preference=exp.get("preference"),
+            audit=list(exp.get("audit") or []),
+            baselines_train=list(exp.get("baselines_train") or []),
+            split=exp.get("split"),
+            cross_eval=list(exp.get("cross_eval") or []),
+        ))
+        if out[-1].split:
+            _, train, test = split_paths(config, out[-1])
+            out[-1].sft = out[-1].sft or str(train)
+            out[-1].preference = out[-1].preference or str(train)
+            out[-1].eval = out[-1].eval or str(test)
+    return out
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class StageLog:
+    """Appends one row per stage to ``stages.jsonl`` and logs it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, timed and logged as stage ``name``."""
+        log.info("stage %s: start", name)
+        started = time.perf_counter()
+        result = fn(*args)
+        seconds = time.perf_counter() - started
+        with open(self.path, "a", encoding="utf-8") as fh:
+            append_jsonl(fh, {"stage": name, "seconds": round(seconds, 2),
+                              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        log.info("stage %s: done in %.1f s", name, seconds)
+        return result
+
+
+def model_label(loss: str, k: int) -> str:
+    return f"{loss}-k{k}"
+
+
+def split_paths(config: dict[str, Any], exp: Experiment) -> tuple[Path, Path, Path]:
+    """(source, train file, test file) of an experiment that splits one file by user."""
+    from prefrec.data.resolve import resolve_dataset
+
+    spec = exp.split or {}
+    if "source" not in spec:
+        raise PrefrecError(f"experiment {exp.name}: split needs source (a dataset)")
+    source = resolve_dataset(spec["source"], data_dir=config["data_dir"])
+    folder = Path(config["out"]) / exp.name / "data"
+    return source, folder / f"{source.stem}-train.json", folder / f"{source.stem}-test.json"
+
+
+def _split_files(config: dict[str, Any], exp: Experiment) -> None:
+    """Write the experiment's train/test files: a seeded split by user (no user in both)."""
+    from prefrec.data.formats import detect_format, load_examples, save_examples
+    from prefrec.data.split import split_by_user
+
+    source, train_path, test_path = split_paths(config, exp)
+    if train_path.is_file() and test_path.is_file():
+        return
+    spec = exp.split or {}
+    train, test = split_by_user(load_examples(source), float(spec.get("eval_fraction", 0.2)),
+                                int(spec.get("seed", 42)))
+    fmt = detect_format(source)
+    save_examples(test, test_path, fmt)
+    save_examples(train, train_path, fmt)
+
+
+def _audit(config: dict[str, Any], exp: Experiment, out: Path) -> None:
+    from prefrec.data.audit import audit
+    from prefrec.data.formats import load_examples
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.io import atomic_write_json
+
+    target = out / exp.name / "audit.json"
+    if target.is_file():
+        return
+    names = exp.audit or [x for x in (exp.sft, exp.preference_data(_first_k(config)), exp.eval)
+                          if x]
+    datasets = {}
+    for name in dict.fromkeys(names):
+        path = resolve_dataset(name, data_dir=config["data_dir"])
+        datasets[path.name] = load_examples(path)
+    report = audit(datasets)
+    atomic_write_text(out / exp.name / "audit.md", report.to_markdown())
+    atomic_write_json(target, report.to_dict())
+
+
+def _first_k(config: dict[str, Any]) -> int:
+    align = config["align"] or {}
+    return int((align.get("negatives") or [3])[0])
+
+
+def _eval(config: dict[str, Any], data: str, out: Path, adapter: Path | None) -> None:
+    from prefrec.evaluate import run_eval
+
+    ev = config["eval"]
+    run_eval(
+        data, out, model=config["model"], adapter=adapter, template=config["template"],
+        data_dir=config["data_dir"], limit=ev["limit"], seed=ev["seed"], mode=ev["mode"],
+        max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
+        n_boot=ev["n_boot"], dtype=config["dtype"], device=config["device"],
+    )
+
+
+def _eval_mode_for(config: dict[str, Any], data: str) -> dict[str, Any]:
+    """Pairwise data only has the likelihood mode; keep the config's mode for selection."""
+    from prefrec.data.formats import detect_format
+    from prefrec.data.resolve import resolve_dataset
+
+    path = resolve_dataset(data, data_dir=config["data_dir"])
+    if detect_format(path) == "sdpo":
+        return config
+    return {**config, "eval": {**config["eval"], "mode": "likelihood"}}
+
+
+def _sft(config: dict[str, Any], exp: Experiment, out: Path) -> Path:
+    from prefrec.train.config import SFTConfig
+    from prefrec.train.sft import train_sft
+
+    cfg = SFTConfig(data=exp.sft, out=str(out / exp.name / "sft"), **config["sft"])
+    return train_sft(cfg, config["model"], config["template"], dtype=config["dtype"],
+                     device=config["device"], data_dir=config["data_dir"])
+
+
+def _align(config: dict[str, Any], exp: Experiment, out: Path, sft: Path | None, loss: str,
+           k: int) -> Path:
+    from prefrec.train.align import train_align
+    from prefrec.train.config import AlignConfig
+
+    fields = {key: v for key, v in config["align"].items() if key not in ("losses", "negatives")}
+    cfg = AlignConfig(
+        data=exp.preference_data(k), out=str(out / exp.name / model_label(loss, k)),
+        sft=None if sft is None else str(sft), loss=loss, negatives=k, **fields,
+    )
+    return train_align(cfg, config["model"], config["template"], dtype=config["dtype"],
+                       device=config["device"], data_dir=config["data_dir"])
+
+
+def trained_models(config: dict[str, Any], exp: Experiment, out: Path) -> dict[str, Path | None]:
+    """Label -> adapter folder (None = the base model) of every model the config trains."""
+    models: dict[str, Path | None] = {}
+    if config["zero_shot"]:
+        models["zero-shot"] = None
+    if config["sft"] not in (None, False) and exp.sft:
+        models["sft"] = out / exp.name / "sft" / "adapter"
+    if config["align"] not in (None, False) and exp.preference:
+        for k in config["align"]["negatives"]:
+            for loss in config["align"]["losses"]:
+                label = model_label(loss, k)
+                models[label] = out / exp.name / label / "adapter"
+    return models
+
+
+def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: StageLog) -> None:
+    if exp.split:
+        stages.run(f"{exp.name}/split", _split_files, config, exp)
+    stages.run(f"{exp.name}/audit", _audit, config, exp, out)
+    ev_config = _eval_mode_for(config, exp.eval)
+    evals = out / exp.name / "eval"
+    if config["zero_shot"]:
+        stages.run(f"{exp.name}/eval/zero-shot", _eval, ev_config, exp.eval,
+                   evals / "zero-shot", None)
+    sft_adapter = None
+    if config["sft"] not in (None, False) and exp.sft:
+        sft_adapter = stages.run(f"{exp.name}/sft", _sft, config, exp, out)
+        stages.run(f"{exp.name}/eval/sft", _eval, ev_config, exp.eval, evals / "sft",
+                   sft_adapter)
+    if config["align"] not in (None, False) and exp.preference:
+        for k in config["align"]["negatives"]:
+            for loss in config["align"]["losses"]:
+                label = model_label(loss, k)
+                adapter = stages.run(f"{exp.name}/{label}", _align, config, exp, out,
+                                     sft_adapter, loss, k)
+                stages.run(f"{exp.name}/eval/{label}", _eval, ev_config, exp.eval,
+                           evals / label, adapter)
+    if config["baselines"] and config["baselines"].get("methods"):
+        stages.run(f"{exp.name}/baselines", _baselines, config, exp, out)
+
+
+def _baselines(config: dict[str, Any], exp: Experiment, out: Path) -> None:
+    from prefrec.baselines.run import run_baselines
+    from prefrec.data.resolve import resolve_dataset
+
+    spec = config["baselines"]
+    train = exp.baselines_train or [x for x in (exp.sft, exp.preference_data(_first_k(config)))
+                                     if x]
+    if not train:
+        raise PrefrecError(f"experiment {exp.name}: baselines need training files")
+    run_baselines(
+        [resolve_dataset(t, data_dir=config["data_dir"]) for t in train],
+        resolve_dataset(exp.eval, data_dir=config["data_dir"]),
+        spec["methods"],
+        out / exp.name / "baselines",
+        config=spec.get("config"),
+        seed=config["eval"]["seed"],
+        limit=spec.get("limit", config["eval"]["limit"]),
+    )
+
+
+def run_cross(config: dict[str, Any], exps: list[Experiment], out: Path, stages: StageLog) -> None:
+    """Evaluate each experiment's trained models on the eval sets named in cross_eval."""
+    by_name = {e.name: e for e in exps}
+    for exp in exps:
+        for other_name in exp.cross_eval:
+            other = by_name[other_name]
+            ev_config = _eval_mode_for(config, other.eval)
+            for label, adapter in trained_models(config, exp, out).items():
+                if label == "zero-shot":
+                    continue  # the other experiment's own zero-shot row covers it
+                stages.run(f"{exp.name}/cross/{other_name}/{label}", _eval, ev_config,
+                           other.eval, out / exp.name / "cross" / other.name / label, adapter)
+
+
+def run(config: dict[str, Any]) -> Path:
+    """Execute every stage of ``config`` (skipping finished ones) and write the report."""
+    from prefrec.report import write_report
+
+    out = Path(config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / "config.yaml"
+    text = yaml.safe_dump(config, sort_keys=False)
+    if saved.is_file() and yaml.safe_load(saved.read_text(encoding="utf-8")) != config:
+        log.warning("%s was written by another config; finished stages whose settings "
+                    "changed will be refused, unchanged ones reused", saved)
+    atomic_write_text(saved, text)
+    stages = StageLog(out / "stages.jsonl")
+    started = time.perf_counter()
+    exps = experiments(config)
+    for exp in exps:
+        run_experiment(config, exp, out, stages)
+    run_cross(config, exps, out, stages)
+    elapsed = time.perf_counter() - started
+    report = write_report(out, config, exps, run_seconds=elapsed)
+    log.info("run finished in %.1f s; report: %s", elapsed, report)
+    return report
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config (YAML), e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override config values, e.g. eval.limit=100 align.losses=[dpo,dmpo]")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild the report from finished stages without running anything")
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from prefrec.report import write_report
+
+    config = load_config(args.config, args.overrides)
+    started = time.perf_counter()
+    if args.report_only:
+        report = write_report(Path(config["out"]), config, experiments(config))
+    else:
+        report = run(config)
+    print(f"report: {report} (also {report.with_suffix('.html').name}, results.json)")
+    print(f"took {time.perf_counter() - started:.0f} s")
+
+
+def stage_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "stages.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

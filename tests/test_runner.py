@@ -1,0 +1,239 @@
+"""The experiment runner and its report: config handling, stages, resume, significance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from prefrec.cli import main as cli_main
+from prefrec.errors import PrefrecError
+from prefrec.report import compare
+from prefrec.runner import experiments, load_config, parse_override, run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _write(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _tiny_config(tiny_dir: Path, shared_data: Path, out: Path) -> dict:
+    return {
+        "name": "tiny",
+        "out": str(out),
+        "model": str(tiny_dir),
+        "dtype": "float32",
+        "device": "cpu",
+        "data_dir": str(shared_data),
+        "experiments": [{"name": "ml1m", "sft": "ml1m-sft", "preference": "ml1m-dpo-{k}",
+                         "eval": "ml1m-eval", "audit": ["ml1m-sft", "ml1m-eval"]}],
+        "sft": {"limit": 4, "max_steps": 2, "batch_size": 2, "lora_r": 4, "lora_alpha": 8,
+                "save_steps": 100},
+        "align": {"losses": ["dmpo"], "negatives": [1, 2], "limit": 4, "max_steps": 2,
+                  "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "save_steps": 100},
+        "eval": {"limit": 12, "batch_size": 4, "n_boot": 200},
+        "significance": {"n_boot": 200},
+    }
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_overrides_parse_yaml_values_into_nested_keys(tmp_path, tiny_dir, shared_data):
+    assert parse_override("eval.limit=100") == (["eval", "limit"], 100)
+    assert parse_override("align.losses=[dpo, sdpo]") == (["align", "losses"], ["dpo", "sdpo"])
+    assert parse_override("sft.limit=null") == (["sft", "limit"], None)
+    path = _write(tmp_path / "c.yaml", _tiny_config(tiny_dir, shared_data, tmp_path / "o"))
+    config = load_config(path, ["eval.limit=3", "align.losses=sdpo", "name=other"])
+    assert config["eval"]["limit"] == 3
+    assert config["eval"]["seed"] == 42  # defaults fill what the file leaves out
+    assert config["align"]["losses"] == ["sdpo"]  # a scalar becomes a one-item list
+    assert config["name"] == "other"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"sft": {"lerning_rate": 1}}, r"unknown key\(s\) lerning_rate in sft"),
+        ({"align": {"losses": ["ipo"]}}, r"align.losses has \['ipo'\]"),
+        ({"evaluation": {}}, r"unknown key\(s\) evaluation in the top level"),
+        ({"experiments": []}, "no experiments"),
+        ({"experiments": [{"name": "a", "eval": "x", "cross_eval": ["b"]}]},
+         "cross_eval names 'b', which is not an experiment"),
+        ({"experiments": [{"name": "a", "eval": "x"}, {"name": "a", "eval": "y"}]},
+         "duplicate experiment name 'a'"),
+    ],
+)
+def test_bad_configs_are_one_line_errors_naming_the_file(tmp_path, tiny_dir, shared_data,
+                                                         change, message):
+    config = {**_tiny_config(tiny_dir, shared_data, tmp_path / "o"), **change}
+    path = _write(tmp_path / "bad.yaml", config)
+    with pytest.raises(PrefrecError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_bad_config_exits_2_without_traceback(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: [unclosed\n", encoding="utf-8")
+    assert cli_main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefrec: error: ") and "not valid YAML" in err
+    assert "Traceback" not in err
+    assert cli_main(["run", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_shipped_configs_load(shared_data):
+    """Every config in configs/ parses and names datasets that resolve."""
+    from prefrec.data.resolve import resolve_dataset
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"quickstart.yaml"}
+    for path in configs:
+        config = load_config(path, [f"data_dir={shared_data}"])
+        for exp in experiments(config):
+            names = [exp.eval, exp.sft] if not exp.split else [exp.split["source"]]
+            for k in (config["align"] or {}).get("negatives", []):
+                if exp.preference and not exp.split:
+                    names.append(exp.preference_data(k))
+            for name in filter(None, names):
+                assert resolve_dataset(name, data_dir=str(shared_data)).is_file()
+
+
+# --------------------------------------------------------------------------- significance
+
+
+def _pairwise_folder(path: Path, wins: list[bool]) -> Path:
+    path.mkdir(parents=True)
+    rows = [{"index": i, "chosen_logp": -1.0 if w else -2.0, "rejected_logp": -1.5}
+            for i, w in enumerate(wins)]
+    (path / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_compare_gives_paired_pvalues_on_common_examples(tmp_path):
+    a = _pairwise_folder(tmp_path / "a", [True] * 30)
+    b = _pairwise_folder(tmp_path / "b", [False] * 30)
+    row = compare(a, b, "pairwise", n_boot=500, seed=0)
+    assert row["n"] == 30 and row["delta"] == pytest.approx(1.0)
+    assert row["p_bootstrap"] == pytest.approx(1 / 501)  # no resample reaches |delta*-1|>=1
+    assert row["p_mcnemar"] == pytest.approx(2 * 0.5**30)  # 30 discordant, all one way
+    same = compare(a, a, "pairwise", n_boot=100, seed=0)
+    assert same["delta"] == 0 and same["p_mcnemar"] == 1.0
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    path = _write(out.parent / "tiny.yaml", _tiny_config(tiny_dir, shared_data, out))
+    assert cli_main(["run", str(path)]) == 0
+    return path, out
+
+
+def test_run_trains_and_evaluates_every_model_and_writes_the_report(tiny_run):
+    _, out = tiny_run
+    results = json.loads((out / "results.json").read_text())
+    exp = results["experiments"]["ml1m"]
+    assert exp["task"] == "pairwise"
+    assert list(exp["models"]) == ["zero-shot", "sft", "dmpo-k1", "dmpo-k2"]
+    for label, entry in exp["models"].items():
+        assert entry["metrics"]["pairwise_accuracy"]["n"] == 12, label
+    # every model scored the same 12 eval pairs
+    indices = {label: sorted(json.loads(x)["index"] for x in
+                             (out / e["dir"] / "scores.jsonl").read_text().splitlines())
+               for label, e in exp["models"].items()}
+    assert len({tuple(v) for v in indices.values()}) == 1
+    # the preference stages sit on top of the SFT adapter
+    lineage = json.loads((out / "ml1m" / "dmpo-k2" / "adapter" / "prefrec_adapter.json")
+                         .read_text())
+    assert str(out / "ml1m" / "sft" / "adapter") in json.dumps(lineage)
+    # headline comparisons: best preference model vs SFT and vs zero-shot
+    sig = exp["significance"]
+    assert [r["versus"] for r in sig] == ["sft", "zero-shot"]
+    assert all(0 < r["p_bootstrap"] <= 1 and 0 < r["p_mcnemar"] <= 1 for r in sig)
+    assert set(exp["ablation"]["dmpo"]) == {"1", "2"}
+    for name in ("ml1m_bars.png", "ml1m_curves.png", "ml1m_ablation.png"):
+        assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "| dmpo-k2 | llm |" in md and "figures/ml1m_bars.png" in md
+    assert "Data audit" in md and "p (McNemar)" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # self-contained
+    stages = [json.loads(x)["stage"] for x in (out / "stages.jsonl").read_text().splitlines()]
+    assert stages == ["ml1m/audit", "ml1m/eval/zero-shot", "ml1m/sft", "ml1m/eval/sft",
+                      "ml1m/dmpo-k1", "ml1m/eval/dmpo-k1", "ml1m/dmpo-k2", "ml1m/eval/dmpo-k2"]
+    assert results["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        results["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+
+
+def test_rerun_skips_finished_stages_and_redoes_only_what_is_missing(tiny_run, monkeypatch):
+    import transformers
+
+    path, out = tiny_run
+    # Simulate a crash that lost the last evaluation's summary.
+    (out / "ml1m" / "eval" / "dmpo-k2" / "metrics.json").unlink()
+    before = (out / "ml1m" / "eval" / "sft" / "metrics.json").read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage must not train again")
+
+    monkeypatch.setattr(transformers.Trainer, "train", no_training)
+    scored = []
+    import prefrec.evaluate as evaluate_module
+
+    real_evaluate = evaluate_module.evaluate
+    monkeypatch.setattr(evaluate_module, "evaluate",
+                        lambda model, tok, ex, out_dir, *a, **k: scored.append(Path(out_dir).name)
+                        or real_evaluate(model, tok, ex, out_dir, *a, **k))
+    config = load_config(path)
+    run(config)
+    assert scored == ["dmpo-k2"]
+    assert (out / "ml1m" / "eval" / "dmpo-k2" / "metrics.json").is_file()
+    assert (out / "ml1m" / "eval" / "sft" / "metrics.json").read_text() == before
+
+
+def test_report_only_rebuilds_without_running(tiny_run, monkeypatch):
+    import prefrec.runner as runner
+
+    path, out = tiny_run
+    (out / "report.html").unlink()
+    monkeypatch.setattr(runner, "run_experiment", lambda *a: pytest.fail("ran a stage"))
+    assert cli_main(["run", str(path), "--report-only"]) == 0
+    assert (out / "report.html").is_file()
+
+
+def test_selection_split_experiment_has_disjoint_users(tmp_path, tiny_dir, shared_data):
+    """A LastFM-style experiment splits one file by user before anything trains on it."""
+    from prefrec.data.formats import load_examples
+
+    config = _tiny_config(tiny_dir, shared_data, tmp_path / "sel")
+    config["experiments"] = [{"name": "lastfm",
+                              "split": {"source": "lastfm", "eval_fraction": 0.2, "seed": 7}}]
+    config.update({"zero_shot": True, "sft": None, "align": None,
+                   "eval": {"limit": 4, "n_boot": 100, "mode": "likelihood"}})
+    cfg = load_config(_write(tmp_path / "sel.yaml", config))
+    run(cfg)
+    data = tmp_path / "sel" / "lastfm" / "data"
+    train = load_examples(data / "lastfm-val-train.json")
+    test = load_examples(data / "lastfm-val-test.json")
+    assert len(train) + len(test) == 2767
+    assert not {e.user for e in train} & {e.user for e in test}
+    results = json.loads((tmp_path / "sel" / "results.json").read_text())
+    zs = results["experiments"]["lastfm"]["models"]["zero-shot"]
+    assert zs["task"] == "selection" and zs["metrics"]["hr@1"]["n"] == 4
+    assert np.isfinite(zs["metrics"]["mrr"]["value"])
