@@ -329,12 +329,13 @@ def _cell(m: dict | None) -> str:
 def results_table(models: dict[str, dict], task: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows: model, kind, headline metrics (value [95% CI]), n, eval time."""
     names = [n for n in HEADLINE[task] if any(n in e["metrics"] for e in models.values())]
-    header = ["model", "kind", *[SHORT.get(n, n) for n in names], "n", "eval time"]
+    header = ["model", "kind", *[SHORT.get(n, n) for n in names], f"n ({PRIMARY[task]})",
+              "eval time"]
     rows = []
     for label, e in models.items():
-        ns = {m["n"] for m in e["metrics"].values() if m.get("n")}
-        rows.append([label, e["kind"], *[_cell(e["metrics"].get(n)) for n in names],
-                     "/".join(str(n) for n in sorted(ns)), f"{e['wall_time_s']:.0f} s"])
+        n = (e["metrics"].get(PRIMARY[task]) or {}).get("n", "")
+        rows.append([label, e["kind"], *[_cell(e["metrics"].get(name)) for name in names],
+                     str(n), f"{e['wall_time_s']:.0f} s"])
     return header, rows
 
 
@@ -342,13 +343,6 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _significance_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -397,7 +391,7 @@ def _sections(out: Path, results: dict[str, Any]) -> list[tuple[str, str, Any]]:
                           results_table(models, other_task)))
         audit_md = out / exp.name / "audit.md"
         if audit_md.is_file():
-            items.append(("pre", "Data audit", audit_md.read_text(encoding="utf-8")))
+            items.append(("doc", "Data audit", audit_md.read_text(encoding="utf-8")))
     stages = [[s["stage"], f"{s['seconds']:.1f} s", s.get("finished", "")]
               for s in results["stages"]]
     items.append(("h2", "Run", None))
@@ -407,6 +401,12 @@ def _sections(out: Path, results: dict[str, Any]) -> list[tuple[str, str, Any]]:
                                         [[k, v] for k, v in results["versions"].items()])))
     items.append(("pre", "Config", yaml.safe_dump(config, sort_keys=False)))
     return items
+
+
+def _demote(markdown: str, levels: int) -> str:
+    """Push a document's headings down so it nests under a report section."""
+    return "\n".join("#" * levels + line if line.startswith("#") else line
+                     for line in markdown.splitlines())
 
 
 def _markdown(out: Path, results: dict[str, Any], items: list) -> str:
@@ -421,6 +421,8 @@ def _markdown(out: Path, results: dict[str, Any], items: list) -> str:
             parts += [f"### {title}", "", _md_table(*payload)]
         elif kind == "img":
             parts += [f"### {title}", "", f"![{title}]({payload.relative_to(out)})", ""]
+        elif kind == "doc":
+            parts += [f"### {title}", "", _demote(payload.rstrip(), 3), ""]
         elif kind == "pre":
             parts += [f"### {title}", "", "```", payload.rstrip(), "```", ""]
     return "\n".join(parts)
@@ -430,7 +432,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
 max-width:1200px;color:#222;line-height:1.45;padding:0 1em}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;white-space:nowrap}
 th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0 1.5em}
 pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:12px}
@@ -438,30 +440,21 @@ h2{border-bottom:2px solid #4C72B0;padding-bottom:.2em;margin-top:2em}
 """
 
 
-def _html(out: Path, results: dict[str, Any], items: list) -> str:
-    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
-             f"<title>prefrec run: {html.escape(results['name'])}</title>",
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>prefrec run: {html.escape(results['name'])}</h1>",
-             f"<p>Report written {results['created']} from the files in "
-             f"<code>{html.escape(str(out))}</code>.</p>"]
-    for kind, title, payload in items:
-        if kind == "h2":
-            parts.append(f"<h2>{html.escape(title)}</h2>")
-        elif kind == "p":
-            parts.append(f"<p>{html.escape(payload)}</p>")
-        elif kind == "table":
-            parts.append(f"<h3>{html.escape(title)}</h3>{_html_table(*payload)}")
-        elif kind == "img":
-            # Inline so the report is one self-contained file.
-            data = base64.b64encode(payload.read_bytes()).decode("ascii")
-            parts.append(f"<h3>{html.escape(title)}</h3>"
-                         f"<img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>")
-        elif kind == "pre":
-            parts.append(f"<details open><summary><b>{html.escape(title)}</b></summary>"
-                         f"<pre>{html.escape(payload)}</pre></details>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+def markdown_to_html(markdown: str, out: Path, title: str) -> str:
+    """The report's markdown as one self-contained HTML page (figures inlined as data URIs)."""
+    import re
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode((out / html.unescape(match.group(1))).read_bytes())
+        return f'src="data:image/png;base64,{data.decode("ascii")}"'
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{_CSS}</style></head><body>\n{body}</body></html>\n")
 
 
 def write_report(out: Path, config: dict[str, Any], exps: list,
@@ -473,6 +466,8 @@ def write_report(out: Path, config: dict[str, Any], exps: list,
         results["run_seconds"] = round(run_seconds, 1)
     items = _sections(out, results)
     atomic_write_json(out / "results.json", results)
-    atomic_write_text(out / "report.md", _markdown(out, results, items))
-    atomic_write_text(out / "report.html", _html(out, results, items))
+    markdown = _markdown(out, results, items)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.html",
+                      markdown_to_html(markdown, out, f"prefrec run: {results['name']}"))
     return out / "report.md"
