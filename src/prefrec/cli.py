@@ -92,6 +92,24 @@ def _cmd_align(args: argparse.Namespace) -> None:
     align_command(args)
 
 
+def _cmd_rank(args: argparse.Namespace) -> None:
+    from prefrec.recommender import rank_command
+
+    rank_command(args)
+
+
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from prefrec.explain import explain_command
+
+    explain_command(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from prefrec.serve import serve_command
+
+    serve_command(args)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from prefrec.runner import run_command
 
@@ -198,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(al)
     add_align_args(al)
     al.set_defaults(func=_cmd_align)
+
+    # using a trained model (these add their own model flags: the adapter's template wins)
+    from prefrec.explain import add_explain_args
+    from prefrec.recommender import add_rank_args
+    from prefrec.serve import add_serve_args
+
+    rk = sub.add_parser("rank", help="rank candidates for a history with a trained model")
+    add_rank_args(rk)
+    rk.set_defaults(func=_cmd_rank)
+    ex = sub.add_parser("explain", help="per-token log-probs of each candidate (+ vs reference)")
+    add_explain_args(ex)
+    ex.set_defaults(func=_cmd_explain)
+    sv = sub.add_parser("serve", help="HTTP service: POST /rank, GET /health, /docs")
+    add_serve_args(sv)
+    sv.set_defaults(func=_cmd_serve)
 
     # experiments
     from prefrec.runner import add_run_args
