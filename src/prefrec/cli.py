@@ -110,6 +110,18 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     serve_command(args)
 
 
+def _cmd_baselines(args: argparse.Namespace) -> None:
+    from prefrec.baselines.run import baselines_command
+
+    baselines_command(args)
+
+
+def _cmd_data_split(args: argparse.Namespace) -> None:
+    from prefrec.data.split import split_command
+
+    split_command(args)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from prefrec.runner import run_command
 
@@ -180,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(c)
     c.set_defaults(func=_cmd_data_convert)
 
+    from prefrec.data.split import add_split_args
+
+    sp = data_sub.add_parser("split", help="seeded train/test split by user (no user in both)")
+    add_split_args(sp)
+    sp.set_defaults(func=_cmd_data_split)
+
     # model
     model = sub.add_parser("model", help="inspect models")
     model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
@@ -231,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="HTTP service: POST /rank, GET /health, /docs")
     add_serve_args(sv)
     sv.set_defaults(func=_cmd_serve)
+
+    # classical recommenders
+    from prefrec.baselines.run import add_baselines_args
+
+    bl = sub.add_parser("baselines", help="popularity, item-kNN, BPR-MF, content, SASRec "
+                        "on the same eval examples and metrics")
+    add_baselines_args(bl)
+    bl.set_defaults(func=_cmd_baselines)
 
     # experiments
     from prefrec.runner import add_run_args

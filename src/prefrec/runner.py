@@ -176,6 +176,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     config["eval"] = {**EVAL_KEYS, **config["eval"]}
     if config["baselines"]:
         _check_keys("baselines", config["baselines"], {"methods", "config", "limit"}, str(path))
+        from prefrec.baselines import METHODS
+
+        unknown = [m for m in config["baselines"].get("methods") or [] if m not in METHODS]
+        if unknown:
+            raise PrefrecError(f"{path}: baselines.methods has {unknown}; "
+                               f"expected some of {', '.join(METHODS)}")
 
     if not config["experiments"]:
         raise PrefrecError(f"{path}: no experiments (a list with name, eval, sft, preference)")
@@ -263,19 +269,18 @@ def split_paths(config: dict[str, Any], exp: Experiment) -> tuple[Path, Path, Pa
 
 
 def _split_files(config: dict[str, Any], exp: Experiment) -> None:
-    """Write the experiment's train/test files: a seeded split by user (no user in both)."""
-    from prefrec.data.formats import detect_format, load_examples, save_examples
-    from prefrec.data.split import split_by_user
+    """Write the experiment's train/test files: a seeded split by user (no user in both;
+    chained sliding windows count as one user, see :mod:`prefrec.data.split`)."""
+    from prefrec.data.split import split_file
 
     source, train_path, test_path = split_paths(config, exp)
     if train_path.is_file() and test_path.is_file():
         return
     spec = exp.split or {}
-    train, test = split_by_user(load_examples(source), float(spec.get("eval_fraction", 0.2)),
-                                int(spec.get("seed", 42)))
-    fmt = detect_format(source)
-    save_examples(test, test_path, fmt)
-    save_examples(train, train_path, fmt)
+    written = split_file(source, train_path.parent, float(spec.get("eval_fraction", 0.2)),
+                         int(spec.get("seed", 42)), bool(spec.get("link_windows", True)))
+    for part, (path, n_examples, n_users) in written.items():
+        log.info("%s: %d examples, %d users -> %s", part, n_examples, n_users, path)
 
 
 def _audit(config: dict[str, Any], exp: Experiment, out: Path) -> None:
@@ -407,6 +412,9 @@ def _baselines(config: dict[str, Any], exp: Experiment, out: Path) -> None:
         config=spec.get("config"),
         seed=config["eval"]["seed"],
         limit=spec.get("limit", config["eval"]["limit"]),
+        subset_seed=config["eval"]["seed"],  # the same eval subset as the models'
+        n_boot=config["eval"]["n_boot"],
+        data_dir=config["data_dir"],
     )
 
 
