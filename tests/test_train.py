@@ -35,6 +35,7 @@ from prefrec.errors import PrefrecError
 from prefrec.model import LoraSettings, attach_lora, load, load_for_scoring
 from prefrec.scoring import score_completions
 from prefrec.train.align import build_groups, limit_examples, train_align
+from prefrec.train.common import checkpoint_state_is_complete
 from prefrec.train.config import AlignConfig, SFTConfig
 from prefrec.train.sft import IGNORE_INDEX, collate_sft, sft_features, sft_pairs, train_sft
 
@@ -454,7 +455,7 @@ def _kill_after_checkpoint(cmd: list[str], out: Path, env: dict, min_step: int) 
         done = [
             int(d.name.split("-")[1])
             for d in (ckpt.glob("checkpoint-*") if ckpt.is_dir() else [])
-            if (d / "trainer_state.json").is_file()
+            if checkpoint_state_is_complete(d / "trainer_state.json")  # not torn mid-write
         ]
         if done and max(done) >= min_step:
             os.kill(proc.pid, signal.SIGKILL)

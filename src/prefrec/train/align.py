@@ -6,7 +6,8 @@ so at step 0 policy == reference. Reference log-probs of every completion the ru
 are computed once, before training, with the shared-prefix scorer, and cached on disk
 (``$PREFREC_CACHE/ref_logps/<sha256>.safetensors``, keyed by the scored texts, the
 template, and the fingerprint of base model + SFT adapter). The training loop never runs
-the reference model.
+the reference model. Under ``accelerate launch`` the ranks split that scoring between them
+(:mod:`prefrec.train.distributed`).
 
 One training step (``AlignTrainer.compute_loss``)::
 
@@ -24,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
@@ -39,6 +40,10 @@ from prefrec.data.schema import (
 )
 from prefrec.errors import PrefrecError
 from prefrec.train.config import AlignConfig, config_from_args
+from prefrec.train.distributed import forward_through, is_main_process, sum_across_processes
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 log = logging.getLogger(__name__)
 
@@ -153,43 +158,43 @@ def reference_logps(
     template: str,
     cache_file: Path,
     batch_size: int = 8,
+    state: PartialState | None = None,
 ) -> dict[Key, tuple[float, int]]:
     """Log-prob and token count of every (instruction, completion) under the reference.
 
     Loaded from ``cache_file`` when present; otherwise scored once (shared prefixes:
     completions of one instruction history are grouped) and saved atomically.
+
+    Several processes (``state``: accelerate's ``PartialState``): the file is loaded only
+    when every rank sees it; otherwise each rank scores a contiguous shard of ``keys``, the
+    shards are gathered on every rank, and one process per machine writes the file (so a
+    machine-local ``$PREFREC_CACHE`` gets its copy). No rank reads a file being written.
     """
     from safetensors.torch import load_file
     from safetensors.torch import save as safetensors_bytes
 
     from prefrec.io import atomic_open
-    from prefrec.scoring import score_completions
+    from prefrec.train.distributed import on_every_rank, score_sharded
 
-    if cache_file.exists():
+    n_processes = 1 if state is None else state.num_processes
+    cached = cache_file.exists() if n_processes == 1 else on_every_rank(state, cache_file.exists())
+    if cached:
         tensors = load_file(str(cache_file))
         log.info("reference log-probs: loaded %d from %s", len(keys), cache_file)
     else:
-        from tqdm.auto import tqdm
 
-        logps, ntoks = [], []
-        chunk = 64
-        for start in tqdm(range(0, len(keys), chunk), desc="reference log-probs", unit="chunk"):
-            part = keys[start : start + chunk]
-            prompts = [model_input(p, template, tokenizer) for p, _ in part]
-            scores = score_completions(
-                model,
-                tokenizer,
-                prompts,
-                [c for _, c in part],
-                group_ids=[_history_key(p) for p, _ in part],
-                batch_size=batch_size,
-            )
-            logps.append(scores.logps.detach().float().cpu())
-            ntoks.append(scores.n_tokens.cpu())
-        tensors = {"logps": torch.cat(logps), "n_tokens": torch.cat(ntoks)}
-        with atomic_open(cache_file, "wb") as fh:
-            fh.write(safetensors_bytes(tensors))
-        log.info("reference log-probs: computed %d, cached at %s", len(keys), cache_file)
+        def score(part: list[Key]) -> list[tuple[float, int]]:
+            return _score_reference(model, tokenizer, part, template, batch_size)
+
+        scored = score(list(keys)) if n_processes == 1 else score_sharded(state, keys, score)
+        tensors = {
+            "logps": torch.tensor([lp for lp, _ in scored], dtype=torch.float32),
+            "n_tokens": torch.tensor([n for _, n in scored], dtype=torch.long),
+        }
+        if state is None or state.is_local_main_process:
+            with atomic_open(cache_file, "wb") as fh:
+                fh.write(safetensors_bytes(tensors))
+            log.info("reference log-probs: computed %d, cached at %s", len(keys), cache_file)
     if tensors["logps"].shape[0] != len(keys):
         raise PrefrecError(f"{cache_file}: cached reference log-probs do not match the data")
     return {
@@ -197,6 +202,32 @@ def reference_logps(
         for key, lp, n in zip(keys, tensors["logps"].tolist(), tensors["n_tokens"].tolist(),
                               strict=True)
     }
+
+
+def _score_reference(
+    model, tokenizer, keys: Sequence[Key], template: str, batch_size: int
+) -> list[tuple[float, int]]:
+    """(log-prob, completion tokens) of each key, in chunks of 64 with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from prefrec.scoring import score_completions
+
+    out: list[tuple[float, int]] = []
+    chunk = 64
+    for start in tqdm(range(0, len(keys), chunk), desc="reference log-probs", unit="chunk"):
+        part = keys[start : start + chunk]
+        prompts = [model_input(p, template, tokenizer) for p, _ in part]
+        scores = score_completions(
+            model,
+            tokenizer,
+            prompts,
+            [c for _, c in part],
+            group_ids=[_history_key(p) for p, _ in part],
+            batch_size=batch_size,
+        )
+        out.extend(zip(scores.logps.detach().float().cpu().tolist(),
+                       scores.n_tokens.cpu().tolist(), strict=True))
+    return out
 
 
 def _history_key(instruction: str) -> str:
@@ -231,7 +262,7 @@ class AlignTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.align = align
         self.template = template
-        self._stored: dict[str, list[float]] = {}
+        self._stored: dict[str, float] = {}
         self._groups_seen = 0
         self._last_log_time = time.perf_counter()
 
@@ -247,9 +278,16 @@ class AlignTrainer(Trainer):
                 prompts.append(model_input(item.prompt, self.template, tok))
                 completions.append(item.completion)
                 gids.append(gi)
-        scores = score_completions(
-            model, tok, prompts, completions, group_ids=gids, batch_size=len(groups), grad=True
-        )
+        # Through the wrapper's forward: under DDP that is what all-reduces the gradients.
+        # The scorer bypasses model.forward, so --bf16's autocast is entered here.
+        with self.accelerator.autocast():
+            scores = forward_through(
+                model,
+                lambda inner: score_completions(
+                    inner, tok, prompts, completions, group_ids=gids, batch_size=len(groups),
+                    grad=True,
+                ),
+            )
         k = inputs["mask"].shape[1]
         chosen = torch.empty(len(groups), dtype=scores.logps.dtype, device=scores.logps.device)
         chosen_n = torch.empty(len(groups), dtype=torch.float32, device=scores.logps.device)
@@ -282,18 +320,25 @@ class AlignTrainer(Trainer):
         metrics["logps/rejected"] = (
             (rejected.detach() * mask).sum() / mask.sum()
         ).item()
+        # Group-weighted sums, so the logged mean is over every group of every rank.
         for key, value in metrics.items():
             if key != "loss":
-                self._stored.setdefault(key, []).append(value)
+                self._stored[key] = self._stored.get(key, 0.0) + value * len(groups)
         self._groups_seen += len(groups)
         return (out.loss, out) if return_outputs else out.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Trainer calls log() on every rank (its loss is already gathered); the metrics
+        # gathered here are the mean over all groups all ranks saw since the last row.
         if "loss" in logs and self._stored:
-            for key, values in self._stored.items():
-                logs[key] = sum(values) / len(values)
+            keys = sorted(self._stored)
+            *sums, groups = sum_across_processes(
+                self.accelerator, [self._stored[k] for k in keys] + [self._groups_seen]
+            )
+            for key, total in zip(keys, sums, strict=True):
+                logs[key] = total / max(groups, 1)
             now = time.perf_counter()
-            logs["groups_per_second"] = self._groups_seen / max(now - self._last_log_time, 1e-9)
+            logs["groups_per_second"] = groups / max(now - self._last_log_time, 1e-9)
             self._stored, self._groups_seen, self._last_log_time = {}, 0, now
         super().log(logs, start_time)
 
@@ -319,6 +364,7 @@ def train_align(
         cache_root,
         load_for_scoring,
         model_fingerprint,
+        resolve_device,
     )
     from prefrec.train.common import (
         JsonlLogCallback,
@@ -327,6 +373,7 @@ def train_align(
         train_and_save,
         training_arguments,
     )
+    from prefrec.train.distributed import process_state, rank_device
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -344,9 +391,13 @@ def train_align(
     if cfg.sft is None:
         log.warning("no --sft adapter: the reference is the base model itself")
     template = chain.template or template
-    reference, tokenizer = load_for_scoring(
-        chain.base_model, [str(a) for a in chain.adapters], dtype=dtype, device=device
-    )
+    device = rank_device(device)
+    state = process_state(cpu=resolve_device(device) == "cpu")
+    # One rank per machine first: a download or embedded conversion happens once.
+    with state.local_main_process_first():
+        reference, tokenizer = load_for_scoring(
+            chain.base_model, [str(a) for a in chain.adapters], dtype=dtype, device=device
+        )
 
     if cfg.limit:
         examples = limit_examples(examples, cfg.limit)
@@ -354,7 +405,8 @@ def train_align(
     fingerprint = model_fingerprint(chain.base_model, [str(a) for a in chain.adapters])
     cache_key = reference_cache_key(fingerprint, template, keys)
     cache_file = cache_root() / "ref_logps" / f"{cache_key}.safetensors"
-    ref = reference_logps(reference, tokenizer, keys, template, cache_file, cfg.batch_size)
+    ref = reference_logps(reference, tokenizer, keys, template, cache_file, cfg.batch_size,
+                          state=state)
 
     # Seed before the LoRA A matrices are drawn (Trainer seeds only when it is built).
     set_seed(cfg.seed)
@@ -397,4 +449,5 @@ def align_command(args: argparse.Namespace) -> None:
     cfg = config_from_args(AlignConfig, args)
     adapter = train_align(cfg, args.model, args.template, dtype=args.dtype, device=args.device,
                           data_dir=args.data_dir)
-    print(f"aligned adapter: {adapter}")
+    if is_main_process():
+        print(f"aligned adapter: {adapter}")

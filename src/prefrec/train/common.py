@@ -4,7 +4,7 @@ Output folder layout of a stage (``--out``)::
 
     config.yaml       the resolved configuration
     checkpoints/      Trainer checkpoints (adapter + optimizer + RNG); resume reads these
-    log.jsonl         one row per logging step (main process only)
+    log.jsonl         one row per logging step (main process only; metrics over all ranks)
     loss.png          training curves
     adapter/          the final PEFT adapter (+ prefrec_adapter.json lineage), written last
 """
@@ -23,6 +23,7 @@ import yaml
 from transformers import TrainerCallback, TrainingArguments
 
 from prefrec.io import append_jsonl, atomic_write_text
+from prefrec.train.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArguments:
     """Map a prefrec config onto ``transformers.TrainingArguments``."""
     bf16 = use_cuda if cfg.bf16 is None else cfg.bf16
-    extra = {"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}
+    # transformers 5 checkpoints with use_reentrant=False and makes the embeddings' output
+    # require grad, which LoRA (frozen embeddings) needs.
+    extra = {"activation_checkpointing": True} if cfg.gradient_checkpointing else {}
     return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=cfg.epochs,
@@ -56,15 +59,30 @@ def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArgum
         disable_tqdm=False,
         label_names=[],
         use_cpu=not use_cuda,
+        # Every LoRA weight gets a gradient every step; DDP's search for unused parameters
+        # would only cost time, and it fails together with activation checkpointing.
+        ddp_find_unused_parameters=False,
         **extra,
     )
 
 
-def last_complete_checkpoint(out_dir: Path) -> str | None:
-    """The newest checkpoint whose ``trainer_state.json`` exists.
+def checkpoint_state_is_complete(path: Path) -> bool:
+    """True when ``path`` (a ``trainer_state.json``) exists and parses: Trainer writes it
+    in place, so a kill during the write leaves an empty or torn file."""
+    import json
 
-    Trainer writes that file last, so a checkpoint killed mid-save (no state file) is
-    skipped instead of crashing the resume.
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(out_dir: Path) -> str | None:
+    """The newest checkpoint whose ``trainer_state.json`` exists and parses.
+
+    Trainer writes that file last, so a checkpoint killed mid-save (no state file, or a
+    half-written one) is skipped instead of crashing the resume.
     """
     ckpt_dir = out_dir / "checkpoints"
     if not ckpt_dir.is_dir():
@@ -74,7 +92,7 @@ def last_complete_checkpoint(out_dir: Path) -> str | None:
         for p in ckpt_dir.iterdir()
         if p.name.startswith(CHECKPOINT_PREFIX)
         and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
-        and (p / "trainer_state.json").is_file()
+        and checkpoint_state_is_complete(p / "trainer_state.json")
     ]
     if not done:
         return None
@@ -96,6 +114,9 @@ class JsonlLogCallback(TrainerCallback):
 
 
 def save_config(cfg: Any, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write ``config.yaml`` (main process only)."""
+    if not is_main_process():
+        return
     data = {**dataclasses.asdict(cfg), **(extra or {})}
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
 
@@ -123,16 +144,17 @@ def stage_is_done(cfg: Any, out_dir: Path) -> bool:
     return (out_dir / "adapter" / "adapter_config.json").is_file()
 
 
-def save_adapter_atomically(model, out_dir: Path, write_meta) -> Path:
+def save_adapter_atomically(model, out_dir: Path, write_meta, state_dict=None) -> Path:
     """Save the PEFT adapter to ``out_dir/adapter`` via a temporary folder and a rename.
 
     ``write_meta(folder)`` adds prefrec's lineage file before the rename, so a complete
-    ``adapter/`` always has both PEFT's files and the lineage.
+    ``adapter/`` always has both PEFT's files and the lineage. ``state_dict``: the full
+    (gathered) weights when the model's own are sharded.
     """
     final = out_dir / "adapter"
     tmp = out_dir / ".adapter.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
     write_meta(tmp)
     if final.exists():
         old = out_dir / ".adapter.old"
@@ -200,12 +222,21 @@ def train_and_save(
     """Resume from the last complete checkpoint (if any), train, then on the main process
     save the final adapter atomically and plot the curves. Returns ``out_dir/adapter``."""
     resume = last_complete_checkpoint(out_dir)
-    trim_log(out_dir / "log.jsonl", resume)
+    if trainer.is_world_process_zero():
+        trim_log(out_dir / "log.jsonl", resume)
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
+    # Sharded weights (DeepSpeed ZeRO-3, FSDP) are gathered by all ranks together.
+    state_dict = (
+        trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+        else None
+    )
     if trainer.is_world_process_zero():
-        adapter = save_adapter_atomically(trainer.model, out_dir, write_meta)
+        adapter = save_adapter_atomically(trainer.model, out_dir, write_meta, state_dict)
         plot_curves(out_dir / "log.jsonl", out_dir / "loss.png", curve_keys, title)
         log.info("saved adapter to %s", adapter)
+    # Every rank returns only once the adapter exists (a pipeline's next stage reads it).
+    trainer.accelerator.wait_for_everyone()
     return out_dir / "adapter"

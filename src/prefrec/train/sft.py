@@ -19,6 +19,7 @@ from prefrec.data.prompts import model_input
 from prefrec.data.schema import PairwiseExample, SelectionExample
 from prefrec.errors import PrefrecError
 from prefrec.train.config import SFTConfig, config_from_args
+from prefrec.train.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def train_sft(
     from prefrec.adapters import write_adapter_meta
     from prefrec.data.formats import load_examples
     from prefrec.data.resolve import resolve_dataset
-    from prefrec.model import LoraSettings, attach_lora, load
+    from prefrec.model import LoraSettings, attach_lora, load, resolve_device
     from prefrec.train.common import (
         JsonlLogCallback,
         save_config,
@@ -94,6 +95,7 @@ def train_sft(
         train_and_save,
         training_arguments,
     )
+    from prefrec.train.distributed import process_state, rank_device
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +109,11 @@ def train_sft(
     if not examples:
         raise PrefrecError(f"{data_path}: no training examples")
 
-    model, tokenizer = load(model_name, dtype=dtype, device=device)
+    device = rank_device(device)
+    state = process_state(cpu=resolve_device(device) == "cpu")
+    # One rank per machine first: a download or embedded conversion happens once.
+    with state.local_main_process_first():
+        model, tokenizer = load(model_name, dtype=dtype, device=device)
     # Seed before the LoRA A matrices are drawn: Trainer seeds only when it is built, after
     # them, so unseeded runs (and a resumed run's fresh init) would start from other weights.
     set_seed(cfg.seed)
@@ -148,4 +154,5 @@ def sft_command(args: argparse.Namespace) -> None:
     cfg = config_from_args(SFTConfig, args)
     adapter = train_sft(cfg, args.model, args.template, dtype=args.dtype, device=args.device,
                         data_dir=args.data_dir)
-    print(f"SFT adapter: {adapter}")
+    if is_main_process():
+        print(f"SFT adapter: {adapter}")
