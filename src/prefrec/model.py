@@ -37,6 +37,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -52,6 +53,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
+
+# PEFT 0.21 still reads transformers 5's deprecated alias on every LoRA attach/merge; the
+# warning is theirs, not actionable for users, and would print on every command.
+warnings.filterwarnings(
+    "ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "PREFREC_CACHE"
