@@ -2,8 +2,10 @@
 
 Group shapes:
 
+- ``ml1m-eval``: DMPO ML-1M ``eval_ranking`` (what ``prefrec eval`` scores), per pair its
+  prompt with both orderings = 2 sequences; one group per pair, as ``evaluate`` groups.
 - ``orderings``: DMPO ML-1M ``dpo_ranking_3``, per user the 3 prompts x 2 orderings
-  = 6 sequences (what pairwise evaluation scores).
+  = 6 sequences (pairwise evaluation of K=3 users).
 - ``preference``: the same users as training groups, chosen + 3 rejected = 4 sequences,
   each negative under its own prompt (what DMPO training scores).
 - ``lastfm``: S-DPO LastFM, one prompt and its 20 candidate titles = 20 sequences.
@@ -13,10 +15,12 @@ sequence alone through ``model(...)``) and optionally ``single`` (shared path wi
 sequence its own group: vocabulary head at completion positions only, no prefix sharing),
 which splits the gain between its two causes.
 
-After a warm-up, repetitions alternate between methods so that machine load hits all of
-them alike. Output is JSON lines: one per measurement, one summary per (shape, method)
-with median/min/max, and a final line with the speedups (naive median / shared median).
-``peak_rss_mb`` is the process's peak resident memory so far (``resource.getrusage``).
+After a warm-up (which also checks that the methods agree), repetitions interleave the
+methods in ABBA order so that machine load hits all of them alike. Output is JSON lines
+(see ``common.py``): a header, one row per measurement with the memory it took, one
+summary per (shape, method) with median/min/max, and a final line with the speedups
+(naive median / shared median). ``bench_eval.py`` wraps this module for evaluation
+throughput and per-method peak memory.
 
     python benchmarks/bench_scoring.py --groups 16 --reps 3
 """
@@ -24,14 +28,20 @@ with median/min/max, and a final line with the speedups (naive median / shared m
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import statistics
-import sys
-import time
 from pathlib import Path
 
-import torch
+from common import (
+    Recorder,
+    add_common_args,
+    choice_list,
+    header,
+    interleaved,
+    measured,
+    paired_ratios,
+    ratio,
+    setup_threads,
+    spread,
+)
 
 from prefrec.data.dmpo import read_dmpo
 from prefrec.data.prompts import model_input
@@ -40,12 +50,24 @@ from prefrec.data.sdpo import read_sdpo
 from prefrec.model import load
 from prefrec.scoring import score_completions
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAPES = ("orderings", "preference", "lastfm")
+SHAPES = ("ml1m-eval", "orderings", "preference", "lastfm")
 METHODS = ("shared", "naive", "single")
 
+Batch = tuple[list[str], list[str], list[int | str]]  # prompts, completions, group ids
 
-def orderings_batch(data: Path, n_groups: int):
+
+def eval_pairs_batch(data: Path, n_groups: int) -> Batch:
+    """Per ML-1M eval pair: its prompt with the chosen and the rejected ordering."""
+    prompts, completions, groups = [], [], []
+    for i, ex in enumerate(read_dmpo(data / "dmpo" / "rec_data_ml_1m_eval_ranking.json")[:n_groups]):
+        for completion in (ex.chosen, ex.rejected):
+            prompts.append(model_input(ex.prompt))
+            completions.append(completion)
+            groups.append(i)
+    return prompts, completions, groups
+
+
+def orderings_batch(data: Path, n_groups: int) -> Batch:
     """Per user: each of the K prompts with both orderings of its pair."""
     rows = read_dmpo(data / "dmpo" / "rec_data_ml_1m_dpo_ranking_3.json")
     users = list(dict.fromkeys(r.user for r in rows))[:n_groups]
@@ -59,7 +81,7 @@ def orderings_batch(data: Path, n_groups: int):
     return prompts, completions, groups
 
 
-def preference_batch(data: Path, n_groups: int):
+def preference_batch(data: Path, n_groups: int) -> Batch:
     """Per user: the chosen completion and its K=3 rejected ones, each under its prompt."""
     rows = read_dmpo(data / "dmpo" / "rec_data_ml_1m_dpo_ranking_3.json")
     prompts, completions, groups = [], [], []
@@ -74,7 +96,7 @@ def preference_batch(data: Path, n_groups: int):
     return prompts, completions, groups
 
 
-def lastfm_batch(data: Path, n_groups: int):
+def lastfm_batch(data: Path, n_groups: int) -> Batch:
     """Per record: one selection prompt and each of its 20 candidates as a completion."""
     prompts, completions, groups = [], [], []
     for i, ex in enumerate(read_sdpo(data / "sdpo-lastfm" / "lastfm-val.json")[:n_groups]):
@@ -85,10 +107,23 @@ def lastfm_batch(data: Path, n_groups: int):
     return prompts, completions, groups
 
 
-BUILDERS = {"orderings": orderings_batch, "preference": preference_batch, "lastfm": lastfm_batch}
+BUILDERS = {
+    "ml1m-eval": eval_pairs_batch,
+    "orderings": orderings_batch,
+    "preference": preference_batch,
+    "lastfm": lastfm_batch,
+}
 
 
-def run_method(method: str, model, tokenizer, batch, batch_size: int, naive_batch_size: int):
+def n_examples(shape: str, batch: Batch) -> int:
+    """Evaluation examples in a batch: pairs for the pairwise shapes, lists for LastFM,
+    groups for ``preference``."""
+    if shape in ("ml1m-eval", "orderings"):
+        return len(batch[0]) // 2
+    return len(set(batch[2]))
+
+
+def run_method(method: str, model, tokenizer, batch: Batch, batch_size: int, naive_batch_size: int):
     prompts, completions, groups = batch
     if method == "shared":
         kwargs = {"group_ids": groups, "batch_size": batch_size}
@@ -99,22 +134,8 @@ def run_method(method: str, model, tokenizer, batch, batch_size: int, naive_batc
     return score_completions(model, tokenizer, prompts, completions, **kwargs)
 
 
-def peak_rss_mb() -> float:
-    # ru_maxrss is in KiB on Linux, bytes on macOS.
-    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def emit(row: dict) -> None:
-    print(json.dumps(row), flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, dir or hub id")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shipped data folder")
-    parser.add_argument("--groups", type=int, default=16, help="groups per shape")
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions per method")
+def add_scoring_args(parser: argparse.ArgumentParser, shapes: str, methods: str) -> None:
+    """This module's flags (besides the common ones), with the given defaults."""
     parser.add_argument("--batch-size", type=int, default=8, help="groups per forward (shared)")
     parser.add_argument(
         "--naive-batch-size",
@@ -122,98 +143,75 @@ def main(argv: list[str] | None = None) -> None:
         default=8,
         help="sequences per forward (naive, single); naive holds full-vocabulary logits",
     )
-    parser.add_argument("--shapes", default="orderings,preference,lastfm")
-    parser.add_argument("--methods", default="shared,naive", help=f"from {','.join(METHODS)}")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda")
-    args = parser.parse_args(argv)
-    shapes, methods = args.shapes.split(","), args.methods.split(",")
-    for name, allowed in ((shapes, SHAPES), (methods, METHODS)):
-        unknown = set(name) - set(allowed)
-        if unknown:
-            parser.error(f"unknown {sorted(unknown)}; choose from {', '.join(allowed)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    parser.add_argument("--shapes", type=choice_list(SHAPES), default=shapes.split(","))
+    parser.add_argument("--methods", type=choice_list(METHODS), default=methods.split(","))
 
-    model, tokenizer = load(args.model, device=args.device)
+
+def measure_shape(
+    args, rec: Recorder, model, tokenizer, shape: str, n_groups: int
+) -> dict[str, list[float]]:
+    """Warm up, check agreement, time every method interleaved; returns the seconds of
+    each method's repetitions."""
     device = next(model.parameters()).device
-    emit(
-        {
-            "model": args.model,
-            "device": str(device),
-            "dtype": str(next(model.parameters()).dtype),
-            "threads": torch.get_num_threads(),
-            "attn": model.config._attn_implementation,
-        }
-    )
-    summary = {}
-    for shape in shapes:
-        batch = BUILDERS[shape](args.data, args.groups)
-        n_seq, n_groups = len(batch[0]), len(set(batch[2]))
-        reference = None
-        for method in methods:  # warm-up, and a check that every method agrees
-            logps = run_method(
-                method, model, tokenizer, batch, args.batch_size, args.naive_batch_size
-            ).logps.cpu()
-            reference = logps if reference is None else reference
-            emit(
-                {
-                    "shape": shape,
-                    "method": method,
-                    "warmup": True,
-                    "max_abs_diff_vs_first": (logps - reference).abs().max().item(),
-                }
-            )
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        for rep in range(args.reps):
-            for method in methods:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                run_method(method, model, tokenizer, batch, args.batch_size, args.naive_batch_size)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-                times[method].append(seconds)
-                emit(
-                    {
-                        "shape": shape,
-                        "method": method,
-                        "rep": rep,
-                        "groups": n_groups,
-                        "sequences": n_seq,
-                        "seconds": round(seconds, 4),
-                        "groups_per_s": round(n_groups / seconds, 3),
-                        "sequences_per_s": round(n_seq / seconds, 3),
-                        "peak_rss_mb": round(peak_rss_mb(), 1),
-                    }
-                )
-        for method, ts in times.items():
-            med = statistics.median(ts)
-            summary[(shape, method)] = med
-            emit(
-                {
-                    "shape": shape,
-                    "method": method,
-                    "summary": True,
-                    "sequences_per_group": n_seq / n_groups,
-                    "median_s": round(med, 4),
-                    "min_s": round(min(ts), 4),
-                    "max_s": round(max(ts), 4),
-                    "groups_per_s": round(n_groups / med, 3),
-                    "sequences_per_s": round(n_seq / med, 3),
-                    "peak_rss_mb": round(peak_rss_mb(), 1),
-                }
-            )
-    speedups = {
-        f"{shape}:{method}_over_shared": round(
-            summary[(shape, method)] / summary[(shape, "shared")], 2
-        )
-        for shape in shapes
-        for method in methods
-        if method != "shared" and "shared" in methods
+    batch = BUILDERS[shape](args.data, n_groups)
+    n_seq, n_groups, n_ex = len(batch[0]), len(set(batch[2])), n_examples(shape, batch)
+    base = {"shape": shape, "groups": n_groups, "examples": n_ex, "sequences": n_seq}
+
+    def call(method: str):
+        return run_method(method, model, tokenizer, batch, args.batch_size, args.naive_batch_size)
+
+    reference = None
+    for method in args.methods:  # warm-up, and a check that every method agrees
+        seconds, scores, memory = measured(lambda m=method: call(m), device)
+        logps = scores.logps.float().cpu()
+        reference = logps if reference is None else reference
+        rec.emit({**base, "method": method, "warmup": True, "seconds": round(seconds, 4),
+                  "max_abs_diff_vs_first": (logps - reference).abs().max().item(), **memory})
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for rep, method in interleaved(args.methods, args.reps):
+        seconds, _, memory = measured(lambda m=method: call(m), device)
+        times[method].append(seconds)
+        rec.emit({**base, "method": method, "rep": rep, "seconds": round(seconds, 4),
+                  "examples_per_s": round(n_ex / seconds, 3),
+                  "sequences_per_s": round(n_seq / seconds, 3), **memory})
+    for method, ts in times.items():
+        stats = spread(ts)
+        rec.emit({**base, "method": method, "summary": True, **stats,
+                  "sequences_per_group": round(n_seq / n_groups, 2),
+                  "groups_per_s": round(n_groups / stats["median_s"], 3),
+                  "examples_per_s": round(n_ex / stats["median_s"], 3),
+                  "sequences_per_s": round(n_seq / stats["median_s"], 3)})
+    return times
+
+
+def speedup_fields(times: dict[str, list[float]], method: str) -> dict[str, float]:
+    """``method`` against ``shared``: ratio of medians and per-repetition paired ratios."""
+    paired = paired_ratios(times[method], times["shared"])
+    return {
+        f"{method}_over_shared": ratio(spread(times[method])["median_s"],
+                                       spread(times["shared"])["median_s"]),
+        **{f"{method}_over_shared_{key}": value for key, value in paired.items()},
     }
-    emit({"final": True, "groups": args.groups, "reps": args.reps, "speedup": speedups})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser, groups=16, reps=3)
+    add_scoring_args(parser, "orderings,preference,lastfm", "shared,naive")
+    args = parser.parse_args(argv)
+    setup_threads(args.threads)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    with Recorder(args.out) as rec:
+        rec.emit(header("bench_scoring", args, model))
+        times = {s: measure_shape(args, rec, model, tokenizer, s, args.groups) for s in args.shapes}
+        speedups = {
+            f"{shape}:{key}": value
+            for shape in args.shapes
+            for method in args.methods
+            if method != "shared" and "shared" in args.methods
+            for key, value in speedup_fields(times[shape], method).items()
+        }
+        rec.emit({"final": True, "groups": args.groups, "reps": args.reps, "speedup": speedups})
 
 
 if __name__ == "__main__":
