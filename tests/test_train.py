@@ -55,6 +55,7 @@ def _perturbed_sft_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path
     """An SFT adapter (with prefrec lineage) whose B matrices are random, so base + it
     differs clearly from the base (a fresh LoRA adapter is a no-op: B = 0)."""
     base, _ = load(str(model_dir))
+    torch.manual_seed(seed)  # LoRA's A init draws from the global RNG: fix it
     peft_model = attach_lora(base, LoraSettings(r=4, alpha=8))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -253,6 +254,26 @@ def test_align_lowers_the_preference_loss(loss, tiny_dir, sft_adapter, tmp_path,
     assert (out / "loss.png").is_file()
     meta = json.loads((out / "adapter" / "prefrec_adapter.json").read_text())
     assert meta["loss"] == loss and meta["parents"] == [str(sft_adapter.resolve())]
+
+
+def test_max_length_truncates_policy_and_reference_alike(tiny_dir, sft_adapter, tmp_path,
+                                                         monkeypatch):
+    """--max-length cuts the prompt's left side in both the cached reference and the
+    training forward: at step 1 (policy == reference) every reward is still exactly 0,
+    and the log-probs are those of the truncated sequences."""
+    monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
+    firsts = {}
+    for max_length in (96, 1024):
+        out = tmp_path / f"len{max_length}"
+        cfg = AlignConfig(data="ml1m-dpo-3", out=str(out), sft=str(sft_adapter), loss="dmpo",
+                          limit=2, batch_size=2, max_steps=1, ftx=0.0, lora_dropout=0.0,
+                          max_length=max_length, save_steps=1000)
+        train_align(cfg, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
+        firsts[max_length] = _log_rows(out)[0]
+        assert firsts[max_length]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert firsts[96]["logps/chosen"] != pytest.approx(firsts[1024]["logps/chosen"], abs=1e-3)
+    # two reference caches: the truncation is part of the key
+    assert len(list((tmp_path / "cache" / "ref_logps").glob("*.safetensors"))) == 2
 
 
 # --------------------------------------------------------------------------- align: reference

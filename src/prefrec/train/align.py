@@ -143,9 +143,11 @@ def limit_examples(
 # --------------------------------------------------------------------------- reference
 
 
-def reference_cache_key(fingerprint: str, template: str, keys: Sequence[Key]) -> str:
+def reference_cache_key(
+    fingerprint: str, template: str, keys: Sequence[Key], max_length: int | None = None
+) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([fingerprint, template], ensure_ascii=False).encode())
+    h.update(json.dumps([fingerprint, template, max_length], ensure_ascii=False).encode())
     for prompt, completion in keys:
         h.update(json.dumps([prompt, completion], ensure_ascii=False).encode())
     return h.hexdigest()
@@ -159,6 +161,7 @@ def reference_logps(
     cache_file: Path,
     batch_size: int = 8,
     state: PartialState | None = None,
+    max_length: int | None = None,
 ) -> dict[Key, tuple[float, int]]:
     """Log-prob and token count of every (instruction, completion) under the reference.
 
@@ -184,7 +187,7 @@ def reference_logps(
     else:
 
         def score(part: list[Key]) -> list[tuple[float, int]]:
-            return _score_reference(model, tokenizer, part, template, batch_size)
+            return _score_reference(model, tokenizer, part, template, batch_size, max_length)
 
         scored = score(list(keys)) if n_processes == 1 else score_sharded(state, keys, score)
         tensors = {
@@ -205,7 +208,8 @@ def reference_logps(
 
 
 def _score_reference(
-    model, tokenizer, keys: Sequence[Key], template: str, batch_size: int
+    model, tokenizer, keys: Sequence[Key], template: str, batch_size: int,
+    max_length: int | None = None,
 ) -> list[tuple[float, int]]:
     """(log-prob, completion tokens) of each key, in chunks of 64 with a progress bar."""
     from tqdm.auto import tqdm
@@ -224,6 +228,7 @@ def _score_reference(
             [c for _, c in part],
             group_ids=[_history_key(p) for p, _ in part],
             batch_size=batch_size,
+            max_length=max_length,
         )
         out.extend(zip(scores.logps.detach().float().cpu().tolist(),
                        scores.n_tokens.cpu().tolist(), strict=True))
@@ -285,7 +290,7 @@ class AlignTrainer(Trainer):
                 model,
                 lambda inner: score_completions(
                     inner, tok, prompts, completions, group_ids=gids, batch_size=len(groups),
-                    grad=True,
+                    grad=True, max_length=self.align.max_length,  # as the reference was scored
                 ),
             )
         k = inputs["mask"].shape[1]
@@ -403,10 +408,10 @@ def train_align(
         examples = limit_examples(examples, cfg.limit)
     n, make_group, keys = build_groups(examples, cfg.negatives, cfg.seed, cfg.resample_negatives)
     fingerprint = model_fingerprint(chain.base_model, [str(a) for a in chain.adapters])
-    cache_key = reference_cache_key(fingerprint, template, keys)
+    cache_key = reference_cache_key(fingerprint, template, keys, cfg.max_length)
     cache_file = cache_root() / "ref_logps" / f"{cache_key}.safetensors"
     ref = reference_logps(reference, tokenizer, keys, template, cache_file, cfg.batch_size,
-                          state=state)
+                          state=state, max_length=cfg.max_length)
 
     # Seed before the LoRA A matrices are drawn (Trainer seeds only when it is built).
     set_seed(cfg.seed)

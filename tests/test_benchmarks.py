@@ -1,0 +1,178 @@
+"""Benchmark scripts: their helpers (fast), and a smoke run of each on the tiny model (slow).
+
+The smoke runs check what a reader of the results relies on: every stdout line is JSON,
+the header names the software, every (setting, method) gets a summary, the methods agree
+on their scores, the shared-prefix side feeds fewer tokens per group than the per-pair
+side, ``--out`` holds exactly the printed lines, and the growth plot is a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+HEADER_KEYS = {"machine", "cpu", "threads", "torch", "transformers", "trl", "peft", "model"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def test_interleaved_alternates_the_order_of_methods_abba():
+    from common import interleaved
+
+    assert list(interleaved(["ours", "trl"], 3)) == [
+        (0, "ours"), (0, "trl"), (1, "trl"), (1, "ours"), (2, "ours"), (2, "trl"),
+    ]
+
+
+def test_spread_and_ratio():
+    from common import ratio, spread
+
+    assert spread([3.0, 1.0, 2.0, 10.0]) == {"median_s": 2.5, "min_s": 1.0, "max_s": 10.0, "n": 4}
+    assert ratio(7.0, 2.0) == 3.5
+
+
+def test_list_flags_parse_and_reject():
+    import argparse
+
+    from bench_eval import shape_groups
+    from common import choice_list, int_list
+
+    assert int_list("1,3,5") == [1, 3, 5]
+    assert int_list("") == []
+    assert choice_list(["a", "b"])("b,a") == ["b", "a"]
+    assert shape_groups("lastfm=4,ml1m-eval=16") == {"lastfm": 4, "ml1m-eval": 16}
+    for bad in (lambda: int_list("1,x"), lambda: choice_list(["a"])("c"),
+                lambda: shape_groups("lastfm")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bad()
+
+
+def test_peak_rss_reset_drops_to_the_current_level():
+    import numpy as np
+    from common import current_rss_mb, peak_rss_mb, reset_peaks
+
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    del block
+    before_reset = peak_rss_mb()
+    if not reset_peaks("cpu"):
+        pytest.skip("no /proc/self/clear_refs on this system")
+    assert peak_rss_mb() < before_reset - 32
+    assert peak_rss_mb() >= current_rss_mb() - 1
+
+
+def test_resized_history_truncates_to_recent_titles_or_prepends_new_ones():
+    from bench_growth import resized_history
+
+    pool = ["A", "x", "B", "y", "z"]
+    assert resized_history(["A", "B", "C"], 2, pool) == ["B", "C"]
+    assert resized_history(["A", "B"], 5, pool) == ["x", "y", "z", "A", "B"]
+    with pytest.raises(ValueError, match="distinct titles"):
+        resized_history(["A"], 9, pool)
+
+
+def test_with_history_rebuilds_the_released_prompt(shared_data):
+    from bench_growth import user_rows, with_history
+
+    users, _ = user_rows(shared_data, 1)
+    row = users[0][0]
+    same = with_history(row, row.history)  # rebuilding with its own history is exact
+    assert (same.prompt, same.chosen, same.rejected) == (row.prompt, row.chosen, row.rejected)
+    short = with_history(row, row.history[-2:])
+    assert short.prompt.count("<Title:") == 2 + 2  # two history titles, two candidates
+
+
+# --------------------------------------------------------------------------- smoke runs
+
+
+def run_script(name: str, *args: str, out: Path | None = None) -> list[dict]:
+    argv = [sys.executable, str(BENCH / name), "--threads", "1", *args]
+    if out is not None:
+        argv += ["--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]  # every line is JSON
+    assert rows[0]["header"] is True and HEADER_KEYS <= rows[0].keys()
+    if out is not None:
+        assert out.read_text().splitlines() == lines
+    return rows
+
+
+@pytest.mark.slow
+def test_bench_align_vs_trl_smoke(tiny_dir, shared_data, tmp_path):
+    rows = run_script(
+        "bench_align_vs_trl.py", "--model", str(tiny_dir), "--data", str(shared_data),
+        "--groups", "2", "--reps", "1", "--ks", "2", "--batch-groups", "1",
+        "--methods", "ours-dmpo,trl", "--trl-micro-rows", "1", "--memory-ks", "2",
+        out=tmp_path / "align.jsonl",
+    )
+    summaries = {r["method"]: r for r in rows if r.get("summary")}
+    assert summaries.keys() == {"ours-dmpo", "trl"}
+    assert all(r["s_per_group_median_s"] > 0 for r in summaries.values())
+    (speedup,) = [r for r in rows if r.get("speedup")]
+    assert speedup["trl_over_ours"] == pytest.approx(
+        summaries["trl"]["s_per_group_median_s"] / summaries["ours-dmpo"]["s_per_group_median_s"],
+        abs=0.01,
+    )
+    tokens = {r["side"]: r["tokens_per_group"] for r in rows if r.get("ref_precompute")}
+    assert tokens["ours"] < tokens["trl"] / 2  # the history is run once, not 2K times
+    timed = [r for r in rows if "rep" in r]
+    assert {r["method"] for r in timed} == {"ours-dmpo", "trl"}
+    assert all(r["peak_rss_mb"] >= r["rss_before_mb"] - 1 for r in timed)
+    probes = [r for r in rows if r.get("memory")]
+    assert {r["method"] for r in probes} == {"ours-dmpo", "trl"}
+    assert all(r["peak_rss_mb"] > 100 for r in probes)
+
+
+@pytest.mark.slow
+def test_bench_eval_smoke(tiny_dir, shared_data, tmp_path):
+    rows = run_script(
+        "bench_eval.py", "--model", str(tiny_dir), "--data", str(shared_data),
+        "--groups", "2", "--shape-groups", "lastfm=1", "--reps", "1",
+        out=tmp_path / "eval.jsonl",
+    )
+    for row in (r for r in rows if r.get("warmup")):
+        assert row["max_abs_diff_vs_first"] < 1e-3  # naive and shared give the same scores
+    summaries = {(r["shape"], r["method"]): r for r in rows if r.get("summary")}
+    assert summaries.keys() == {
+        (s, m) for s in ("ml1m-eval", "orderings", "lastfm") for m in ("shared", "naive")
+    }
+    assert summaries[("orderings", "shared")]["examples"] == 6  # 2 users x 3 pairs
+    assert summaries[("lastfm", "naive")]["sequences"] == 20
+    final = rows[-1]
+    assert final["final"] and set(final["speedup"]) == {
+        "ml1m-eval:naive_over_shared", "orderings:naive_over_shared", "lastfm:naive_over_shared"
+    }
+    assert len([r for r in rows if r.get("memory")]) == 6
+
+
+@pytest.mark.slow
+def test_bench_growth_smoke_writes_rows_and_a_png(tiny_dir, shared_data, tmp_path):
+    rows = run_script(
+        "bench_growth.py", "--model", str(tiny_dir), "--data", str(shared_data),
+        "--reps", "1", "--ks", "1,2", "--histories", "5,40", "--history-k", "2",
+        out=tmp_path / "growth.jsonl",
+    )
+    summaries = [r for r in rows if r.get("summary")]
+    points = {(r["sweep"], r["k"], r["history"], r["method"]) for r in summaries}
+    assert len(points) == 8  # (2 K values + 2 history lengths) x (shared, per-pair)
+    tokens = {(r["sweep"], r["k"], r["history"], r["method"]): r["tokens_per_group"]
+              for r in summaries}
+    for sweep, k, hist, method in points:
+        if method == "shared":
+            assert tokens[(sweep, k, hist, "shared")] < tokens[(sweep, k, hist, "per-pair")]
+    short, long = (tokens[("history", 2, h, "shared")] for h in (5, 40))
+    assert long > short  # a longer history really is longer
+    assert (tmp_path / "growth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
