@@ -422,7 +422,10 @@ def _markdown(out: Path, results: dict[str, Any], items: list) -> str:
         elif kind == "img":
             parts += [f"### {title}", "", f"![{title}]({payload.relative_to(out)})", ""]
         elif kind == "doc":
-            parts += [f"### {title}", "", _demote(payload.rstrip(), 3), ""]
+            body = payload.rstrip()
+            if body.startswith("# "):  # the document's own title repeats the section's
+                body = body.split("\n", 1)[1] if "\n" in body else ""
+            parts += [f"### {title}", "", _demote(body.strip(), 3), ""]
         elif kind == "pre":
             parts += [f"### {title}", "", "```", payload.rstrip(), "```", ""]
     return "\n".join(parts)
@@ -430,8 +433,8 @@ def _markdown(out: Path, results: dict[str, Any], items: list) -> str:
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
-max-width:1200px;color:#222;line-height:1.45;padding:0 1em}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}
+max-width:1400px;color:#222;line-height:1.45;padding:0 1em}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;white-space:nowrap}
 th{background:#f3f3f3} tr:nth-child(even) td{background:#fafafa}
 img{max-width:100%;border:1px solid #eee;margin:.3em 0 1.5em}
