@@ -62,6 +62,18 @@ def make_tiny_llama(vocab_size: int, seed: int = 0):
     return model
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Pin torch to one thread for a module (``pytestmark = usefixtures("single_thread")``):
+    tiny models run faster so, and two test processes do not oversubscribe the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

@@ -27,12 +27,14 @@ from prefrec.model import load_for_scoring
 from prefrec.recommender import Recommender
 
 # The tiny model folder, its adapter chain and the recommender, as test_recommender makes them.
-single_thread = shared.single_thread
 adapter_chain_dirs = shared.adapter_chain_dirs
 recommender = shared.recommender
 naive_logp = shared.naive_logp
 HISTORY, CANDIDATES = shared.HISTORY, shared.CANDIDATES
 ODD = ['Amélie & "<Friends>" (2001)', "Heat (1995)"]  # non-ASCII, HTML metacharacters
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("task", ["selection", "pairwise"])

@@ -40,12 +40,7 @@ HISTORY = ["Toy Story (1995)", "Heat (1995)", "Casino (1995)"]
 CANDIDATES = ["GoldenEye (1995)", "Sabrina (1995)", "Jumanji (1995)", "Balto (1995)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_adapter(model, folder: Path, base: str, parents: list[Path], template: str,

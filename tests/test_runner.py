@@ -15,13 +15,7 @@ from prefrec.errors import PrefrecError
 from prefrec.report import compare
 from prefrec.runner import experiments, load_config, parse_override, run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _write(path: Path, config: dict) -> Path:

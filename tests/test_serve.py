@@ -24,10 +24,12 @@ from prefrec.recommender import Limits, RankRequest, Recommender
 from prefrec.serve import MicroBatcher
 
 # The tiny model folder as test_recommender saves it.
-single_thread = shared.single_thread
 HISTORY, CANDIDATES = shared.HISTORY, shared.CANDIDATES
 LIMITS = Limits(max_history=10, max_candidates=6, max_title_chars=40)
 STARTUP_TIMEOUT_S = 60
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _free_port() -> int:

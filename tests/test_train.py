@@ -43,12 +43,7 @@ LASTFM = "sdpo-lastfm/lastfm-val.json"
 TEMPLATE = "alpaca"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _perturbed_sft_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path:
