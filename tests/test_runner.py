@@ -52,7 +52,7 @@ def test_overrides_parse_yaml_values_into_nested_keys(tmp_path, tiny_dir, shared
     path = _write(tmp_path / "c.yaml", _tiny_config(tiny_dir, shared_data, tmp_path / "o"))
     config = load_config(path, ["eval.limit=3", "align.losses=sdpo", "name=other"])
     assert config["eval"]["limit"] == 3
-    assert config["eval"]["seed"] == 42  # defaults fill what the file leaves out
+    assert config["eval"]["seed"] == 0  # defaults (those of prefrec eval) fill the rest
     assert config["align"]["losses"] == ["sdpo"]  # a scalar becomes a one-item list
     assert config["name"] == "other"
 
