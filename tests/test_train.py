@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prefrec.adapters import write_adapter_meta
+from conftest import random_lora_adapter
 from prefrec.cli import main as cli_main
 from prefrec.data.formats import load_examples
 from prefrec.data.prompts import model_input
@@ -47,19 +47,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _perturbed_sft_adapter(model_dir: Path, folder: Path, seed: int = 1) -> Path:
-    """An SFT adapter (with prefrec lineage) whose B matrices are random, so base + it
-    differs clearly from the base (a fresh LoRA adapter is a no-op: B = 0)."""
-    base, _ = load(str(model_dir))
-    torch.manual_seed(seed)  # LoRA's A init draws from the global RNG: fix it
-    peft_model = attach_lora(base, LoraSettings(r=4, alpha=8))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    peft_model.save_pretrained(folder)
-    write_adapter_meta(folder, str(model_dir), [], TEMPLATE, {"stage": "sft"})
-    return folder
+    """An SFT adapter whose B matrices are random, so base + it differs clearly from the base."""
+    return random_lora_adapter(load(str(model_dir))[0], folder, str(model_dir), [], TEMPLATE,
+                               seed, scale=0.1, stage="sft")
 
 
 @pytest.fixture(scope="module")
