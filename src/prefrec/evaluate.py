@@ -57,6 +57,19 @@ class EvalSettings:
     task: str
     modes: list[str]
     max_new_tokens: int
+    dtype: str = "float32"
+    orders: str = "given"
+
+
+# Settings keys added after evaluations were already on disk, with the value those
+# evaluations implicitly had (every earlier one ran in float32 on the given order).
+_LEGACY_SETTINGS = {"dtype": "float32", "orders": "given"}
+ORDERS = ("given", "both")
+
+
+def same_settings(previous: dict[str, Any] | None, settings: EvalSettings) -> bool:
+    """Whether a stored settings dict describes the same evaluation as ``settings``."""
+    return previous is not None and {**_LEGACY_SETTINGS, **previous} == asdict(settings)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +79,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset")
     p.add_argument("--seed", type=int, default=0, help="subset and bootstrap seed")
     p.add_argument("--batch-size", type=int, default=8, help="groups per forward pass")
+    p.add_argument("--orders", default="given", choices=ORDERS,
+                   help="pairwise data: score the prompt as given, or under both candidate "
+                        "orders and sum (cancels position bias; twice the cost)")
     p.add_argument(
         "--mode",
         default="likelihood",
@@ -109,10 +125,16 @@ def _score_rows(
     template: str,
     batch_size: int,
     rows_path: Path,
+    orders: str = "given",
 ) -> list[dict[str, Any]]:
-    """Score every selected example, appending one row each; skip rows already on disk."""
+    """Score every selected example, appending one row each; skip rows already on disk.
+
+    ``orders="both"`` also scores each pairwise example under the prompt that lists its
+    candidates the other way round (``*_swapped`` fields).
+    """
     from tqdm.auto import tqdm
 
+    from prefrec.data.dmpo import swap_candidate_order
     from prefrec.scoring import score_completions
 
     done, todo = _resume(rows_path, indices)
@@ -124,15 +146,19 @@ def _score_rows(
             prompts, completions, groups = [], [], []
             for i in chunk:
                 ex = examples[i]
-                text = model_input(ex.prompt, template, tokenizer)
-                outs = (
-                    [ex.chosen, ex.rejected]
-                    if isinstance(ex, PairwiseExample)
-                    else [ex.completion_for(c) for c in ex.candidates]
-                )
-                prompts += [text] * len(outs)
-                completions += outs
-                groups += [i] * len(outs)
+                variants = [ex]
+                if isinstance(ex, PairwiseExample) and orders == "both":
+                    variants.append(swap_candidate_order(ex))
+                for v, variant in enumerate(variants):
+                    text = model_input(variant.prompt, template, tokenizer)
+                    outs = (
+                        [variant.chosen, variant.rejected]
+                        if isinstance(variant, PairwiseExample)
+                        else [variant.completion_for(c) for c in variant.candidates]
+                    )
+                    prompts += [text] * len(outs)
+                    completions += outs
+                    groups += [2 * i + v] * len(outs)
             scores = score_completions(
                 model, tokenizer, prompts, completions, group_ids=groups, batch_size=batch_size
             )
@@ -152,6 +178,10 @@ def _score_rows(
                         "rejected_tokens": ntok[pos + 1],
                     }
                     pos += 2
+                    if orders == "both":
+                        row["chosen_logp_swapped"] = logps[pos]
+                        row["rejected_logp_swapped"] = logps[pos + 1]
+                        pos += 2
                 else:
                     m = len(ex.candidates)
                     row = {
@@ -213,16 +243,44 @@ def _generate_rows(
 
 
 def pairwise_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
-    """Pairwise accuracy, DMPO-protocol AUC, candidate ROC-AUC, and position-split accuracy."""
+    """Pairwise accuracy, DMPO-protocol AUC, candidate ROC-AUC, position-split accuracy and
+    the listed-first preference (position bias).
+
+    Rows scored under both candidate orders (``*_swapped``) are ranked by the sum of
+    the two log-probs, log pi(y | x) + log pi(y | x_swapped), which cancels a preference
+    for copying the prompt's order; ``pairwise_accuracy_given_order`` keeps the
+    single-order number. ``listed_first_preference`` is the share of pairs whose
+    listed-first title the model ranks first on the given order (0.5 = no position bias).
+    """
     from prefrec.metrics import compute_all, evaluate_metric, pairwise_accuracy
 
-    chosen = np.array([r["chosen_logp"] for r in rows], dtype=np.float64)
-    rejected = np.array([r["rejected_logp"] for r in rows], dtype=np.float64)
-    chosen_n = np.array([r["chosen_tokens"] for r in rows], dtype=np.float64)
-    rejected_n = np.array([r["rejected_tokens"] for r in rows], dtype=np.float64)
+    def column(key: str) -> np.ndarray:
+        return np.array([r[key] for r in rows], dtype=np.float64)
+
+    chosen_given, rejected_given = column("chosen_logp"), column("rejected_logp")
+    both = all("chosen_logp_swapped" in r for r in rows)
+    chosen, rejected = chosen_given, rejected_given
+    if both:
+        chosen = chosen_given + column("chosen_logp_swapped")
+        rejected = rejected_given + column("rejected_logp_swapped")
+    chosen_n = column("chosen_tokens") * (2 if both else 1)
+    rejected_n = column("rejected_tokens") * (2 if both else 1)
     first = np.array([r["positive_first"] for r in rows], dtype=bool)
 
     metrics = compute_all("pairwise", chosen=chosen, rejected=rejected, n_boot=n_boot, seed=seed)
+    if both:
+        metrics["pairwise_accuracy_given_order"] = evaluate_metric(
+            "pairwise_accuracy_given_order", pairwise_accuracy, chosen_given, rejected_given,
+            n_boot=n_boot, seed=seed,
+        )
+    metrics["listed_first_preference"] = evaluate_metric(
+        "listed_first_preference",
+        pairwise_accuracy,
+        np.where(first, chosen_given, rejected_given),
+        np.where(first, rejected_given, chosen_given),
+        n_boot=n_boot,
+        seed=seed,
+    )
     metrics["pairwise_accuracy_length_normalised"] = evaluate_metric(
         "pairwise_accuracy_length_normalised",
         pairwise_accuracy,
@@ -307,7 +365,7 @@ def evaluate(
             (out / name).unlink(missing_ok=True)
     elif cfg_path.exists():
         previous = json.loads(cfg_path.read_text(encoding="utf-8"))
-        if previous != asdict(settings):
+        if not same_settings(previous, settings):
             raise PrefrecError(
                 f"{out} holds an evaluation with other settings; use another --out or --overwrite"
             )
@@ -321,8 +379,10 @@ def evaluate(
         notes.append("adapters: " + ", ".join(settings.adapters))
     if settings.task == "pairwise":
         rows = _score_rows(model, tokenizer, examples, indices, settings.template, batch_size,
-                           out / "scores.jsonl")
+                           out / "scores.jsonl", orders=settings.orders)
         metrics.update(pairwise_metrics(rows, n_boot, settings.seed))
+        if settings.orders == "both":
+            notes.append("scores: sum of the log-probs under both candidate orders")
     else:
         if "likelihood" in settings.modes:
             rows = _score_rows(model, tokenizer, examples, indices, settings.template,
@@ -366,6 +426,7 @@ def run_eval(
     dtype: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    orders: str = "given",
 ) -> tuple[Path, dict[str, Any]]:
     """Resolve ``data``, load the model (+ adapter chain), evaluate; returns (out, metrics.json).
 
@@ -375,7 +436,7 @@ def run_eval(
     from prefrec.adapters import adapter_chain
     from prefrec.data.formats import load_examples
     from prefrec.data.resolve import resolve_dataset
-    from prefrec.model import load_for_scoring
+    from prefrec.model import load_for_scoring, resolve_device, resolve_dtype
 
     if limit is not None and limit < 1:
         raise PrefrecError(f"--limit {limit}: expected at least 1")
@@ -389,6 +450,10 @@ def run_eval(
     modes = ["likelihood", "generate"] if mode == "both" else [mode]
     if task == "pairwise" and modes != ["likelihood"]:
         raise PrefrecError("--mode generate applies to candidate-selection data only")
+    if orders not in ORDERS:
+        raise PrefrecError(f"--orders {orders}: expected one of {', '.join(ORDERS)}")
+    if orders == "both" and task != "pairwise":
+        raise PrefrecError("--orders both applies to pairwise data only")
     settings = EvalSettings(
         data=str(path),
         model=chain.base_model,
@@ -400,12 +465,14 @@ def run_eval(
         task=task,
         modes=modes,
         max_new_tokens=max_new_tokens,
+        dtype=str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch."),
+        orders=orders,
     )
     out = Path(out or Path("runs") / "eval" / path.stem)
     done = out / "metrics.json"
     if not overwrite and done.is_file():
         result = json.loads(done.read_text(encoding="utf-8"))
-        if result.get("settings") == asdict(settings):
+        if same_settings(result.get("settings"), settings):
             log.info("%s already holds this evaluation; nothing to do", out)
             return out, result
     loaded, tokenizer = load_for_scoring(
@@ -421,7 +488,7 @@ def eval_command(args: argparse.Namespace) -> None:
         args.data, args.out, model=args.model, adapter=args.adapter, template=args.template,
         data_dir=args.data_dir, limit=args.limit, seed=args.seed, mode=args.mode,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, n_boot=args.n_boot,
-        dtype=args.dtype, device=args.device, overwrite=args.overwrite,
+        dtype=args.dtype, device=args.device, overwrite=args.overwrite, orders=args.orders,
     )
     print((out / "metrics.md").read_text(encoding="utf-8"))
     print(f"wrote {out}/metrics.json ({result['wall_time_s']:.1f} s)")

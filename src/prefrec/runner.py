@@ -75,6 +75,7 @@ EVAL_KEYS = {
     "n_boot": 1000,
     "mode": "likelihood",
     "max_new_tokens": 32,
+    "orders": "given",  # pairwise data: "both" scores both candidate orders
 }
 EXPERIMENT_KEYS = {"name", "sft", "preference", "eval", "audit", "baselines_train", "split",
                    "cross_eval"}
@@ -317,17 +318,18 @@ def _eval(config: dict[str, Any], data: str, out: Path, adapter: Path | None) ->
         data_dir=config["data_dir"], limit=ev["limit"], seed=ev["seed"], mode=ev["mode"],
         max_new_tokens=ev["max_new_tokens"], batch_size=ev["batch_size"],
         n_boot=ev["n_boot"], dtype=config["dtype"], device=config["device"],
+        orders=ev["orders"],
     )
 
 
 def _eval_mode_for(config: dict[str, Any], data: str) -> dict[str, Any]:
-    """Pairwise data only has the likelihood mode; keep the config's mode for selection."""
+    """Pairwise data only has the likelihood mode, selection data only the given order."""
     from prefrec.data.formats import detect_format
     from prefrec.data.resolve import resolve_dataset
 
     path = resolve_dataset(data, data_dir=config["data_dir"])
     if detect_format(path) == "sdpo":
-        return config
+        return {**config, "eval": {**config["eval"], "orders": "given"}}
     return {**config, "eval": {**config["eval"], "mode": "likelihood"}}
 
 

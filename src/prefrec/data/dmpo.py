@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefrec.data.prompts import pairwise_completion
+from prefrec.data.prompts import pairwise_completion, title_tag
 from prefrec.data.schema import PairwiseExample
 from prefrec.data.titles import history_user_key, parse_title_tags
 from prefrec.errors import DataError
@@ -179,6 +179,33 @@ def pairwise_example(
         chosen=chosen,
         rejected=rejected,
         user=history_user_key(history),
+    )
+
+
+def swap_candidate_order(example: PairwiseExample) -> PairwiseExample:
+    """The same pair with the prompt listing the two candidates the other way round.
+
+    Only the candidate sentence changes; the completions (which rank titles, not
+    positions) stay, so ``chosen`` still ranks the positive first. Used to cancel the
+    model's preference for the listed-first title (score both orders) and to train on both.
+    """
+    head, marker, tail = example.prompt.rpartition(CANDIDATES_MARKER)
+    if not marker:
+        raise ValueError(f"no {CANDIDATES_MARKER.strip()!r} sentence in the prompt")
+    first, second = (title_tag(t) for t in example.candidates)
+    if tail.count(first) != 1 or tail.count(second) != 1:
+        raise ValueError("the candidate sentence must name each candidate once")
+    placeholder = "\0"
+    tail = tail.replace(first, placeholder).replace(second, first).replace(placeholder, second)
+    return PairwiseExample(
+        history=example.history,
+        candidates=(example.candidates[1], example.candidates[0]),
+        positive=1 - example.positive,
+        prompt=head + marker + tail,
+        chosen=example.chosen,
+        rejected=example.rejected,
+        user=example.user,
+        meta={**example.meta, "candidates_swapped": not example.meta.get("candidates_swapped")},
     )
 
 
