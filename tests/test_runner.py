@@ -89,21 +89,28 @@ def test_bad_config_exits_2_without_traceback(tmp_path, capsys):
     assert cli_main(["run", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_shipped_configs_load(shared_data):
-    """Every config in configs/ parses and names datasets that resolve."""
+def test_shipped_configs_load(shared_data, tmp_path):
+    """Every config in configs/ parses and names datasets that resolve (for configs that
+    build their data, among the files the build writes)."""
     from prefrec.data.resolve import resolve_dataset
+    from prefrec.runner import _build
 
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-    assert {p.name for p in configs} >= {"quickstart.yaml"}
+    assert {p.name for p in configs} >= {"quickstart.yaml", "ml100k-data-rich.yaml"}
     for path in configs:
-        config = load_config(path, [f"data_dir={shared_data}"])
+        data_dir = shared_data
+        config = load_config(path, [f"data_dir={data_dir}"])
+        if config["build"]:
+            data_dir = tmp_path / path.stem
+            config = load_config(path, [f"data_dir={data_dir}"])
+            _build(config)
         for exp in experiments(config):
             names = [exp.eval, exp.sft] if not exp.split else [exp.split["source"]]
             for k in (config["align"] or {}).get("negatives", []):
                 if exp.preference and not exp.split:
                     names.append(exp.preference_data(k))
             for name in filter(None, names):
-                assert resolve_dataset(name, data_dir=str(shared_data)).is_file()
+                assert resolve_dataset(name, data_dir=str(data_dir)).is_file()
 
 
 # --------------------------------------------------------------------------- significance

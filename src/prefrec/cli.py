@@ -122,6 +122,12 @@ def _cmd_data_split(args: argparse.Namespace) -> None:
     split_command(args)
 
 
+def _cmd_study(args: argparse.Namespace) -> None:
+    from prefrec.study import study_command
+
+    study_command(args)
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from prefrec.runner import run_command
 
@@ -264,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a whole study from a config (stages resume) + report")
     add_run_args(r)
     r.set_defaults(func=_cmd_run)
+
+    from prefrec.study import add_study_args
+
+    st = sub.add_parser("study", help="run a config under several settings variants and "
+                        "tabulate their validation metrics")
+    add_study_args(st)
+    st.set_defaults(func=_cmd_study)
     return parser
 
 

@@ -60,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "dtype": None,
     "device": None,
     "data_dir": None,
+    "build": None,  # `prefrec data build` arguments; files go to <out>/data
     "experiments": [],
     "zero_shot": True,
     "sft": {},
@@ -156,6 +157,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     config.update(raw)
     if config["out"] is None:
         config["out"] = str(Path("runs") / config["name"])
+    if config["build"]:
+        _check_build(config["build"], str(path))
+        if config["data_dir"] is None:
+            config["data_dir"] = str(Path(config["out"]) / "data")
 
     stage_fields = {f.name for f in dataclasses.fields(SFTConfig)} - {"data", "out"}
     sft = config["sft"]
@@ -207,6 +212,61 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
                     "which is not an experiment"
                 )
     return config
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from prefrec.data.build import add_build_args
+
+    parser = argparse.ArgumentParser(prog="build", exit_on_error=False, add_help=False)
+    add_build_args(parser)
+    return parser
+
+
+def _check_build(build: Any, source: str) -> None:
+    if not isinstance(build, dict):
+        raise PrefrecError(f"{source}: build must be a mapping of `prefrec data build` options")
+    allowed = {a.dest for a in _build_parser()._actions} - {"out"}
+    _check_keys("build", build, allowed, source)
+    missing = [k for k in ("raw", "format", "protocol") if k not in build]
+    if missing:
+        raise PrefrecError(f"{source}: build needs {', '.join(missing)}")
+
+
+def build_arguments(config: dict[str, Any]) -> argparse.Namespace:
+    """The config's ``build`` section as parsed ``prefrec data build`` arguments (raw may
+    be a dataset alias such as ``ml100k``; the output folder is ``<data_dir>``)."""
+    from prefrec.data.resolve import resolve_dataset
+
+    spec = dict(config["build"])
+    spec["raw"] = str(resolve_dataset(str(spec["raw"])))
+    spec["out"] = config["data_dir"]
+    argv: list[str] = []
+    for key, value in spec.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
+    try:
+        return _build_parser().parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as err:
+        raise PrefrecError(f"build: {err}") from None
+
+
+def _build(config: dict[str, Any]) -> None:
+    """Build the data once; ``build_args.json`` (written last) marks a finished build."""
+    from prefrec.data.build import build_files
+    from prefrec.io import atomic_write_json
+
+    args = build_arguments(config)
+    marker = Path(args.out) / "build_args.json"
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) == vars(args):
+        log.info("%s already holds this build; nothing to do", args.out)
+        return
+    marker.unlink(missing_ok=True)
+    paths, _ = build_files(args)
+    log.info("built %d files in %s", len(paths), args.out)
+    atomic_write_json(marker, vars(args))
 
 
 def experiments(config: dict[str, Any]) -> list[Experiment]:
@@ -448,6 +508,8 @@ def run(config: dict[str, Any]) -> Path:
     atomic_write_text(saved, text)
     stages = StageLog(out / "stages.jsonl")
     started = time.perf_counter()
+    if config["build"]:
+        stages.run("build", _build, config)
     exps = experiments(config)
     for exp in exps:
         run_experiment(config, exp, out, stages)

@@ -57,6 +57,12 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                    help="K_max: writes dpo_ranking_1..K_max (default: 5)")
     d.add_argument("--pairs-per-user", default="1",
                    help="data-rich SFT: pairs per user, an integer or 'all' (default: 1)")
+    d.add_argument("--groups-per-user", type=int, default=1,
+                   help="data-rich DPO: preference groups (targets) per user (default: 1)")
+    d.add_argument("--eval-pairs-per-user", type=int, default=1,
+                   help="pairs per valid/eval user (default: 1)")
+    d.add_argument("--max-history", type=int, default=0,
+                   help="keep the latest N liked items in a history; 0 = all (default: 0)")
     d.add_argument("--domain", default="movie", choices=sorted(DOMAINS),
                    help="prompt wording (default: movie)")
 
@@ -98,7 +104,9 @@ def _count(value: float) -> int | float:
     return int(value) if value >= 1 else value
 
 
-def build_command(args: argparse.Namespace) -> None:
+def build_files(args: argparse.Namespace) -> tuple[list[Path], dict]:
+    """Build the protocol's files from the raw log named by ``args`` (the ``prefrec data
+    build`` arguments); returns the paths written and the build report."""
     from prefrec.data.protocols import (
         DMPOConfig,
         SDPOConfig,
@@ -125,6 +133,9 @@ def build_command(args: argparse.Namespace) -> None:
             share_sft_dpo_users=not args.separate_dpo_users,
             max_negatives=args.max_negatives,
             pairs_per_user="all" if ppu == "all" else int(ppu),
+            groups_per_user=args.groups_per_user,
+            eval_pairs_per_user=args.eval_pairs_per_user,
+            max_history=args.max_history or None,
             scale_down=args.scale_down,
             domain=args.domain,
             seed=args.seed,
@@ -146,6 +157,11 @@ def build_command(args: argparse.Namespace) -> None:
         paths = write_sdpo_files(data, args.out, prefix)
     report = data.report.to_dict()
     atomic_write_json(Path(args.out) / f"{prefix}_build_report.json", report)
+    return paths, report
+
+
+def build_command(args: argparse.Namespace) -> None:
+    paths, report = build_files(args)
     for path in paths:
         print(f"wrote {path}")
     print(json.dumps(report, indent=2))

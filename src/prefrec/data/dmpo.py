@@ -19,6 +19,7 @@ nothing is dropped silently.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -207,6 +208,19 @@ def swap_candidate_order(example: PairwiseExample) -> PairwiseExample:
         user=example.user,
         meta={**example.meta, "candidates_swapped": not example.meta.get("candidates_swapped")},
     )
+
+
+def with_both_orders(examples: Sequence[PairwiseExample]) -> list[PairwiseExample]:
+    """``examples`` followed by their candidate-swapped copies (:func:`swap_candidate_order`).
+
+    The copies' user key gets a `` (swapped)`` suffix so that regrouping by user keeps
+    the two orders in separate preference groups.
+    """
+    swapped = [
+        dataclasses.replace(swap_candidate_order(ex), user=f"{ex.user} (swapped)")
+        for ex in examples
+    ]
+    return [*examples, *swapped]
 
 
 def _completion_order(

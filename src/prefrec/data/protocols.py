@@ -174,6 +174,12 @@ class DMPOConfig:
             ``n_dpo_users`` must then equal ``n_sft_users``.
         max_negatives: K_max, the negatives drawn per user; ``dpo[k]`` exists for 1..K_max.
         pairs_per_user: pairs per SFT user: 1 (few-shot), an int, or ``"all"`` (data-rich).
+        groups_per_user: preference groups per DPO user (data-rich): each takes another
+            liked item as the target, with its own ``max_negatives`` negatives.
+        eval_pairs_per_user: pairs per valid / eval user (data-rich: more test pairs from
+            the same unseen users).
+        max_history: keep only the latest this many liked items in a prompt's history;
+            ``None`` keeps all (the released files' users have at most 40 events).
         scale_down: shrink every split by one factor when too few users qualify, instead
             of failing.
         domain: key of :data:`prefrec.data.prompts.DOMAINS` for the prompt wording.
@@ -191,6 +197,9 @@ class DMPOConfig:
     share_sft_dpo_users: bool = True
     max_negatives: int = 5
     pairs_per_user: int | Literal["all"] = 1
+    groups_per_user: int = 1
+    eval_pairs_per_user: int = 1
+    max_history: int | None = None
     scale_down: bool = False
     domain: str = "movie"
     seed: int = 0
@@ -214,6 +223,10 @@ class DMPOConfig:
             not isinstance(self.pairs_per_user, int) or self.pairs_per_user < 1
         ):
             raise ValueError(f"pairs_per_user must be an int >= 1 or {ALL_PAIRS!r}")
+        if self.groups_per_user < 1 or self.eval_pairs_per_user < 1:
+            raise ValueError("groups_per_user and eval_pairs_per_user must be >= 1")
+        if self.max_history is not None and self.max_history < 1:
+            raise ValueError("max_history must be >= 1 (or None for the whole history)")
         if self.domain not in prompts.DOMAINS:
             raise ValueError(
                 f"unknown domain {self.domain!r}; choose from {', '.join(prompts.DOMAINS)}"
@@ -315,27 +328,62 @@ def _usable_negatives(log: Interactions, u: _DMPOUser, target: str) -> list[str]
     return [n for n in u.negatives if log.title(n) != title]
 
 
-def _data_rich_pairs(
-    log: Interactions, u: _DMPOUser, config: DMPOConfig, domain: prompts.Domain, rng: random.Random
-) -> list[PairwiseExample]:
-    """Every (target position, negative) combination of a user, or a sample of them.
+def _history(u: _DMPOUser, i: int, max_history: int | None) -> tuple[str, ...]:
+    """The liked items before target ``positives[i]``, the latest ``max_history`` of them."""
+    start = 0 if max_history is None else max(0, i - max_history)
+    return u.positives[start:i]
 
-    Target ``positives[i]`` (i >= 1) gets history ``positives[:i]``.
+
+def _data_rich_pairs(
+    log: Interactions,
+    u: _DMPOUser,
+    n: int | Literal["all"],
+    config: DMPOConfig,
+    domain: prompts.Domain,
+    rng: random.Random,
+    split: str,
+) -> list[PairwiseExample]:
+    """Every (target position, negative) combination of a user, or a sample of ``n``.
+
+    Target ``positives[i]`` (i >= 1) gets history ``positives[:i]`` (see :func:`_history`).
     """
     combos = [
         (i, negative)
         for i in range(1, len(u.positives))
         for negative in _usable_negatives(log, u, u.positives[i])
     ]
-    if config.pairs_per_user != ALL_PAIRS and config.pairs_per_user < len(combos):
-        picked = sorted(rng.sample(range(len(combos)), config.pairs_per_user))
+    if n != ALL_PAIRS and n < len(combos):
+        picked = sorted(rng.sample(range(len(combos)), n))
         combos = [combos[j] for j in picked]
     return [
         _pairwise(
-            log, u.user, u.positives[:i], u.positives[i], neg, rng.random() < 0.5, domain, "sft"
+            log, u.user, _history(u, i, config.max_history), u.positives[i], neg,
+            rng.random() < 0.5, domain, split,
         )
         for i, neg in combos
     ]
+
+
+def _data_rich_groups(
+    log: Interactions, u: _DMPOUser, config: DMPOConfig, domain: prompts.Domain,
+    rng: random.Random,
+) -> list[list[PairwiseExample]]:
+    """``groups_per_user`` preference groups of a user: each a sampled target position
+    with ``max_negatives`` sampled negatives (one pairwise row per negative)."""
+    targets = [
+        i for i in range(1, len(u.positives))
+        if len(_usable_negatives(log, u, u.positives[i])) >= config.max_negatives
+    ]
+    picked = sorted(rng.sample(targets, min(config.groups_per_user, len(targets))))
+    groups = []
+    for i in picked:
+        negatives = rng.sample(_usable_negatives(log, u, u.positives[i]), config.max_negatives)
+        history = _history(u, i, config.max_history)
+        groups.append([
+            _pairwise(log, u.user, history, u.positives[i], neg, rng.random() < 0.5, domain, "dpo")
+            for neg in negatives
+        ])
+    return groups
 
 
 def build_dmpo(log: Interactions, config: DMPOConfig | None = None) -> DMPOData:
@@ -387,33 +435,37 @@ def build_dmpo(log: Interactions, config: DMPOConfig | None = None) -> DMPOData:
     rngs: dict[str, random.Random] = {}
     for u in order[:start]:
         rng = rngs[u.user] = _user_rng(config.seed, u.user)
-        target, history = u.positives[-1], u.positives[:-1]
+        target = u.positives[-1]
+        history = _history(u, len(u.positives) - 1, config.max_history)
         negatives = rng.sample(_usable_negatives(log, u, target), config.max_negatives)
         drawn[u.user] = [
             _pairwise(log, u.user, history, target, neg, rng.random() < 0.5, domain, "")
             for neg in negatives
         ]
 
-    def first_pairs(users: list[_DMPOUser], split: str) -> list[PairwiseExample]:
-        return [_with_split(drawn[u.user][0], split) for u in users]
+    def pairs(users: list[_DMPOUser], n: int | Literal["all"], split: str) -> list[PairwiseExample]:
+        if n == 1:
+            return [_with_split(drawn[u.user][0], split) for u in users]
+        return [
+            ex for u in users for ex in _data_rich_pairs(log, u, n, config, domain, rngs[u.user], split)
+        ]
 
-    if config.pairs_per_user == 1:
-        sft = first_pairs(splits["sft"], "sft")
+    sft = pairs(splits["sft"], config.pairs_per_user, "sft")
+    if config.groups_per_user == 1:
+        groups = [drawn[u.user] for u in splits["dpo"]]
     else:
-        sft = [
-            ex
-            for u in splits["sft"]
-            for ex in _data_rich_pairs(log, u, config, domain, rngs[u.user])
+        groups = [
+            g for u in splits["dpo"] for g in _data_rich_groups(log, u, config, domain, rngs[u.user])
         ]
     dpo = {
-        k: [_with_split(ex, "dpo") for u in splits["dpo"] for ex in drawn[u.user][:k]]
+        k: [_with_split(ex, "dpo") for g in groups for ex in g[:k]]
         for k in range(1, config.max_negatives + 1)
     }
     data = DMPOData(
         sft=sft,
         dpo=dpo,
-        valid=first_pairs(splits["valid"], "valid"),
-        eval=first_pairs(splits["eval"], "eval"),
+        valid=pairs(splits["valid"], config.eval_pairs_per_user, "valid"),
+        eval=pairs(splits["eval"], config.eval_pairs_per_user, "eval"),
         report=report,
     )
     report.examples = {"sft": len(data.sft), "valid": len(data.valid), "eval": len(data.eval)}

@@ -406,6 +406,10 @@ def train_align(
 
     if cfg.limit:
         examples = limit_examples(examples, cfg.limit)
+    if cfg.both_orders:
+        from prefrec.train.common import both_orders_or_fail
+
+        examples = both_orders_or_fail(examples, data_path)
     n, make_group, keys = build_groups(examples, cfg.negatives, cfg.seed, cfg.resample_negatives)
     fingerprint = model_fingerprint(chain.base_model, [str(a) for a in chain.adapters])
     cache_key = reference_cache_key(fingerprint, template, keys, cfg.max_length)

@@ -113,6 +113,17 @@ class JsonlLogCallback(TrainerCallback):
             append_jsonl(fh, row)
 
 
+def both_orders_or_fail(examples: list, data_path: Path) -> list:
+    """``--both-orders``: the pairwise examples plus their candidate-swapped copies."""
+    from prefrec.data.dmpo import with_both_orders
+    from prefrec.data.schema import PairwiseExample
+    from prefrec.errors import PrefrecError
+
+    if not all(isinstance(ex, PairwiseExample) for ex in examples):
+        raise PrefrecError(f"{data_path}: --both-orders applies to pairwise (DMPO) data only")
+    return with_both_orders(examples)
+
+
 def save_config(cfg: Any, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
     """Write ``config.yaml`` (main process only)."""
     if not is_main_process():
@@ -126,7 +137,8 @@ def stage_is_done(cfg: Any, out_dir: Path) -> bool:
 
     Re-running a finished command is then a no-op, so a pipeline that crashed later can be
     re-run from the top. An ``out_dir`` whose ``config.yaml`` has other settings is refused
-    rather than resumed or overwritten.
+    rather than resumed or overwritten. ``out`` itself is not compared: a finished stage
+    folder that was moved or copied (as ``prefrec study`` does) is still the same run.
     """
     from prefrec.errors import PrefrecError
 
@@ -135,7 +147,11 @@ def stage_is_done(cfg: Any, out_dir: Path) -> bool:
         return False
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
     current = dataclasses.asdict(cfg)
-    changed = sorted(k for k, v in current.items() if saved.get(k) != v)
+    # A key missing from an older config.yaml had its field's default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    changed = sorted(
+        k for k, v in current.items() if k != "out" and saved.get(k, defaults[k]) != v
+    )
     if changed:
         raise PrefrecError(
             f"{out_dir} holds a run with other settings ({', '.join(changed)}); "

@@ -46,6 +46,10 @@ class TrainConfig:
     report_to: str = _f("none", "none | tensorboard")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     bf16: bool | None = _f(None, "bf16 mixed precision (default: on with CUDA)")
+    both_orders: bool = _f(
+        False, "pairwise data: also train on every example with its two candidates listed "
+        "the other way round (against position bias; twice the data)"
+    )
 
 
 @dataclass

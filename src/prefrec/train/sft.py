@@ -106,6 +106,10 @@ def train_sft(
     examples = load_examples(data_path)
     if cfg.limit:
         examples = examples[: cfg.limit]
+    if cfg.both_orders:
+        from prefrec.train.common import both_orders_or_fail
+
+        examples = both_orders_or_fail(examples, data_path)
     if not examples:
         raise PrefrecError(f"{data_path}: no training examples")
 

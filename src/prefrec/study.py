@@ -1,0 +1,216 @@
+"""Settings studies: ``prefrec study STUDY.yaml [--only NAME ...]``.
+
+A study runs one run config (:mod:`prefrec.runner`) under several named variants, each a
+list of ``key=value`` overrides changed one at a time from the first (the default), and
+tabulates every model's validation metrics side by side. The study file::
+
+    base: configs/ml100k-data-rich.yaml     # the run config
+    out: runs/quality-study
+    overrides: [...]                        # applied to every variant (e.g. eval on valid)
+    metric: pairwise_accuracy               # the column the table ranks by
+    variants:
+      default: []
+      lr-1e-4: [align.lr=1.0e-4]
+
+Variant ``V`` runs in ``<out>/V`` with its data built once in ``<out>/data``. A variant
+whose SFT settings equal the default's starts from a copy of the default's finished SFT
+adapter (and of its zero-shot evaluation, when those settings match too) instead of
+training it again: the same config and seed give the same adapter. Outputs:
+``<out>/study.md`` and ``<out>/study.json``, rewritten after every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefrec.errors import PrefrecError
+from prefrec.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STUDY_KEYS = {"base", "out", "overrides", "metric", "variants"}
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    """Read and check a study file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PrefrecError(f"{path}: no such study file")
+    try:
+        study = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise PrefrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(study, dict):
+        raise PrefrecError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(study) - STUDY_KEYS)
+    if unknown:
+        raise PrefrecError(f"{path}: unknown key(s) {unknown}; expected {sorted(STUDY_KEYS)}")
+    for key in ("base", "out", "variants"):
+        if key not in study:
+            raise PrefrecError(f"{path}: missing {key}")
+    variants = study["variants"]
+    if not isinstance(variants, dict) or not variants:
+        raise PrefrecError(f"{path}: variants must be a non-empty mapping of name -> overrides")
+    for name, overrides in variants.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise PrefrecError(f"{path}: variants.{name} must be a list of key=value strings")
+        if "/" in str(name) or str(name).startswith("."):
+            raise PrefrecError(f"{path}: variants.{name}: not a folder name")
+    study.setdefault("overrides", [])
+    study.setdefault("metric", "pairwise_accuracy")
+    return study
+
+
+def variant_config(study: dict[str, Any], name: str) -> dict[str, Any]:
+    """The run config of one variant: base + study overrides + the variant's overrides."""
+    from prefrec.runner import load_config
+
+    out = Path(study["out"])
+    overrides = [*study["overrides"], *study["variants"][name],
+                 f"out={out / name}", f"data_dir={out / 'data'}", f"name={name}"]
+    return load_config(study["base"], overrides)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def reuse_default_stages(default: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Copy the default variant's finished SFT adapters and zero-shot evaluations into a
+    variant whose settings for them are the same; returns what was copied."""
+    from prefrec.runner import experiments
+
+    copied = []
+    model_keys = ("model", "template", "dtype", "device", "build", "data_dir")
+    if not _same(default, config, model_keys):
+        return copied
+    src_root, dst_root = Path(default["out"]), Path(config["out"])
+    for exp, other in zip(experiments(config), experiments(default), strict=False):
+        if (exp.name, exp.sft, exp.eval) != (other.name, other.sft, other.eval):
+            continue
+        pairs = []
+        if config["sft"] == default["sft"]:
+            pairs.append(f"{exp.name}/sft")
+        if config["eval"] == default["eval"]:
+            pairs.append(f"{exp.name}/eval/zero-shot")
+        for rel in pairs:
+            src, dst = src_root / rel, dst_root / rel
+            finished = (src / "adapter" / "adapter_config.json").is_file() or (
+                src / "metrics.json"
+            ).is_file()
+            if not finished or dst.exists():
+                continue
+            # Checkpoints are only for resuming a killed run; the final adapter is enough.
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint-*"))
+            copied.append(rel)
+    return copied
+
+
+def _metric_cell(metrics: dict[str, Any], name: str) -> str:
+    m = metrics.get(name)
+    if not m or m.get("value") is None:
+        return "–"
+    return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (variant, model) with a finished evaluation, in variant order."""
+    rows = []
+    out = Path(study["out"])
+    for name, overrides in study["variants"].items():
+        results = out / name / "results.json"
+        if not results.is_file():
+            continue
+        data = json.loads(results.read_text(encoding="utf-8"))
+        for exp_name, exp in data["experiments"].items():
+            for label, entry in exp["models"].items():
+                rows.append({
+                    "variant": name,
+                    "overrides": overrides,
+                    "experiment": exp_name,
+                    "model": label,
+                    "kind": entry.get("kind"),
+                    "metrics": entry.get("metrics", {}),
+                    "eval_seconds": entry.get("wall_time_s"),
+                })
+    return rows
+
+
+def study_markdown(study: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    metric = study["metric"]
+    columns = [metric, "pairwise_accuracy_given_order", "listed_first_preference"]
+    lines = [
+        f"# Study: {Path(study['out']).name}",
+        "",
+        f"Base config `{study['base']}`; every variant also gets "
+        f"`{' '.join(study['overrides']) or '(nothing)'}`. Values are point estimates with "
+        "95% bootstrap intervals.",
+        "",
+        "| variant | overrides | model | " + " | ".join(columns) + " | n |",
+        "|---" * (len(columns) + 4) + "|",
+    ]
+    for r in rows:
+        n = next((m["n"] for m in r["metrics"].values() if isinstance(m, dict) and "n" in m), "")
+        cells = [_metric_cell(r["metrics"], c) for c in columns]
+        lines.append(
+            f"| {r['variant']} | {' '.join(r['overrides']) or '(default)'} | {r['model']} | "
+            + " | ".join(cells) + f" | {n} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_study_tables(study: dict[str, Any]) -> Path:
+    rows = study_rows(study)
+    out = Path(study["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", {"study": study, "rows": rows})
+    atomic_write_text(out / "study.md", study_markdown(study, rows))
+    return out / "study.md"
+
+
+def run_study(study: dict[str, Any], only: list[str] | None = None) -> Path:
+    """Run the variants in order (the default first, so later ones can reuse it)."""
+    from prefrec.runner import run
+
+    names = list(study["variants"])
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise PrefrecError(f"--only {unknown}: not variants of this study ({', '.join(names)})")
+    default = variant_config(study, names[0])
+    for name in names:
+        if only and name not in only:
+            continue
+        config = variant_config(study, name)
+        if name != names[0]:
+            copied = reuse_default_stages(default, config)
+            if copied:
+                log.info("variant %s reuses the default's %s", name, ", ".join(copied))
+        started = time.perf_counter()
+        log.info("variant %s: %s", name, " ".join(study["variants"][name]) or "(default)")
+        run(config)
+        log.info("variant %s finished in %.0f s", name, time.perf_counter() - started)
+        write_study_tables(study)
+    return write_study_tables(study)
+
+
+def add_study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="study file (YAML), e.g. configs/quality-study.yaml")
+    p.add_argument("--only", nargs="+", default=None, metavar="VARIANT",
+                   help="run only these variants (the table keeps every finished one)")
+    p.add_argument("--table-only", action="store_true",
+                   help="rewrite study.md/json from finished variants without running")
+
+
+def study_command(args: argparse.Namespace) -> None:
+    study = load_study(args.study)
+    table = write_study_tables(study) if args.table_only else run_study(study, args.only)
+    print(table.read_text(encoding="utf-8"))
+    print(f"wrote {table}")
