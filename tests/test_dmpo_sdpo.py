@@ -259,3 +259,22 @@ def test_any_file_can_be_saved_in_every_format(shared_data, tmp_path, lastfm):
     assert (tmp_path / "same.json").read_bytes() == (
         shared_data / "dmpo" / "rec_data_ml_1m_dpo_ranking_2.json"
     ).read_bytes()
+
+
+def test_swap_candidate_order_is_an_involution_that_keeps_the_answer(shared_data):
+    from prefrec.data.dmpo import swap_candidate_order, with_both_orders
+    from prefrec.data.schema import group_pairs_by_user
+
+    rows = read_dmpo(shared_data / "dmpo" / "rec_data_ml_1m_dpo_ranking_3.json")
+    ex = rows[0]
+    sw = swap_candidate_order(ex)
+    assert sw.candidates == ex.candidates[::-1] and sw.positive_title == ex.positive_title
+    assert (sw.chosen, sw.rejected, sw.history) == (ex.chosen, ex.rejected, ex.history)
+    head = ex.prompt.rsplit("Rank the likelihood", 1)[0]
+    assert sw.prompt.startswith(head) and sw.prompt != ex.prompt
+    assert sw.prompt.index(ex.candidates[1]) < sw.prompt.rindex(ex.candidates[0])
+    assert swap_candidate_order(sw) == ex
+    both = with_both_orders(rows)
+    assert len(both) == 2 * len(rows)
+    groups = group_pairs_by_user(both)
+    assert len(groups) == 2 * len(group_pairs_by_user(rows)) and {g.k for g in groups} == {3}

@@ -101,3 +101,77 @@ def test_selection_eval_likelihood_and_generation(tiny_llama, shared_data, tmp_p
     assert m["hr@10"]["value"] >= m["hr@1"]["value"]
     gens = (tmp_path / "generations.jsonl").read_text().splitlines()
     assert len(gens) == 3 and all("generated" in json.loads(g) for g in gens)
+
+
+# --------------------------------------------------------------------------- position bias
+
+
+def _rows(first: list[bool], chosen, rejected, chosen_sw=None, rejected_sw=None) -> list[dict]:
+    rows = []
+    for i, f in enumerate(first):
+        row = {"index": i, "user": "u", "positive_first": f, "chosen_logp": chosen[i],
+               "rejected_logp": rejected[i], "chosen_tokens": 4, "rejected_tokens": 4}
+        if chosen_sw is not None:
+            row["chosen_logp_swapped"] = chosen_sw[i]
+            row["rejected_logp_swapped"] = rejected_sw[i]
+        rows.append(row)
+    return rows
+
+
+def test_listed_first_preference_and_both_orders_by_hand():
+    # A pure copier: +1 nat for the completion that keeps the prompt's order, plus a small
+    # real preference (+0.25) for the positive. Positive listed first in 3 of 4 pairs.
+    first = [True, True, True, False]
+    copy = np.where(first, 1.0, -1.0)
+    chosen = -10 + copy + 0.25
+    rejected = -10 - copy
+    m = ev.pairwise_metrics(_rows(first, chosen, rejected), n_boot=50, seed=0)
+    assert m["listed_first_preference"].value == 1.0
+    assert m["pairwise_accuracy"].value == 0.75  # right only where the positive came first
+    assert "pairwise_accuracy_given_order" not in m
+    # The swapped prompt lists the other title first: the copy bonus flips sign.
+    both = ev.pairwise_metrics(
+        _rows(first, chosen, rejected, -10 - copy + 0.25, -10 + copy), n_boot=50, seed=0
+    )
+    assert both["pairwise_accuracy"].value == 1.0  # the bias cancels, the preference stays
+    assert both["pairwise_accuracy_given_order"].value == 0.75
+    assert both["listed_first_preference"].value == 1.0  # measured on the given order
+
+
+def test_both_orders_eval_scores_the_swapped_prompt(tiny_llama, ml1m_eval, tmp_path):
+    from prefrec.data.dmpo import swap_candidate_order
+
+    model, tok = tiny_llama
+    both = ev.evaluate(model, tok, ml1m_eval, tmp_path / "both",
+                       ev.EvalSettings(**{**asdict(_settings("pairwise", 1000, 6)),
+                                          "orders": "both"}),
+                       batch_size=4, n_boot=50)
+    rows = [json.loads(x) for x in (tmp_path / "both" / "scores.jsonl").read_text().splitlines()]
+    swapped = [swap_candidate_order(ex) for ex in ml1m_eval]
+    ev.evaluate(model, tok, swapped, tmp_path / "swapped", _settings("pairwise", 1000, 6),
+                batch_size=4, n_boot=50)
+    alone = [json.loads(x) for x in (tmp_path / "swapped" / "scores.jsonl").read_text().splitlines()]
+    for r, s in zip(rows, alone, strict=True):
+        assert r["index"] == s["index"] and r["positive_first"] != s["positive_first"]
+        assert r["chosen_logp_swapped"] == pytest.approx(s["chosen_logp"], abs=1e-4)
+        assert r["rejected_logp_swapped"] == pytest.approx(s["rejected_logp"], abs=1e-4)
+    summed = pairwise_accuracy(
+        np.array([r["chosen_logp"] + r["chosen_logp_swapped"] for r in rows]),
+        np.array([r["rejected_logp"] + r["rejected_logp_swapped"] for r in rows]),
+    )
+    assert both["metrics"]["pairwise_accuracy"]["value"] == pytest.approx(summed)
+
+
+def test_settings_written_before_dtype_and_orders_still_match():
+    new = _settings("pairwise", 1000, 8)
+    legacy = {k: v for k, v in asdict(new).items() if k not in ("dtype", "orders")}
+    assert ev.same_settings(legacy, new)
+    assert not ev.same_settings(legacy, ev.EvalSettings(**{**asdict(new), "dtype": "bfloat16"}))
+    assert not ev.same_settings(legacy, ev.EvalSettings(**{**asdict(new), "orders": "both"}))
+    assert not ev.same_settings(None, new)
+
+
+def test_both_orders_is_refused_for_selection_data(shared_data, tmp_path):
+    with pytest.raises(PrefrecError, match="pairwise data only"):
+        ev.run_eval(str(shared_data / "sdpo-lastfm" / "lastfm-val.json"), tmp_path,
+                    orders="both", limit=2)

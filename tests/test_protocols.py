@@ -161,6 +161,41 @@ def test_dmpo_data_rich_pairs():
     assert some.dpo == everything.dpo
 
 
+def test_dmpo_data_rich_groups_eval_pairs_and_history_cap():
+    events = [e for u in ("a", "b", "c") for e in user_events(u, 8, 6)]
+    config = DMPOConfig(n_sft_users=2, n_dpo_users=2, n_eval_users=1, max_negatives=3,
+                        min_negatives=3, groups_per_user=4, eval_pairs_per_user=5, max_history=2)
+    data = build_dmpo(make_log(events), config)
+    # 2 train users x 4 groups, each group k rows with one history and one target.
+    for k in (1, 2, 3):
+        assert len(data.dpo[k]) == 2 * 4 * k
+    rows = data.dpo[3]
+    groups = [rows[i : i + 3] for i in range(0, len(rows), 3)]
+    for g in groups:
+        assert len({(ex.history, ex.positive_title) for ex in g}) == 1
+        assert len({ex.negative_title for ex in g}) == 3
+    assert len({(g[0].user, g[0].positive_title) for g in groups}) == 8  # distinct targets
+    # K=k files are the first k rows of the same groups, as in the released files.
+    assert [ex for g in groups for ex in g[:1]] == data.dpo[1]
+    # Eval user: 5 pairs, none of them from a training user.
+    assert len(data.eval) == 5
+    assert {ex.user for ex in data.eval}.isdisjoint({ex.user for ex in data.dpo[3]})
+    # History cap: at most the latest 2 liked titles, ending right before the target.
+    for ex in [*data.eval, *rows]:
+        assert 1 <= len(ex.history) <= 2
+        user = ex.user
+        positives = [f"Title {user}-p{i}" for i in range(8)]
+        i = positives.index(ex.positive_title)
+        assert ex.history == tuple(positives[max(0, i - 2) : i])
+
+
+def test_dmpo_data_rich_options_are_validated():
+    with pytest.raises(ValueError, match="groups_per_user"):
+        DMPOConfig(groups_per_user=0)
+    with pytest.raises(ValueError, match="max_history"):
+        DMPOConfig(max_history=0)
+
+
 def test_dmpo_config_validation():
     with pytest.raises(ValueError, match="min_negatives"):
         DMPOConfig(min_negatives=3)

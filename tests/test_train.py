@@ -595,3 +595,47 @@ def test_rerunning_a_finished_stage_is_a_no_op_and_other_settings_are_refused(
     changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
     with pytest.raises(PrefrecError, match=r"other settings \(lr\)"):
         train_sft(changed, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
+
+
+def test_finished_stage_from_an_older_config_or_another_folder_is_reused(
+    sft_run, tiny_dir, tmp_path, monkeypatch
+):
+    """A config.yaml written before a field existed (its default applied then) and a
+    stage folder copied elsewhere (``prefrec study``) both count as the same run."""
+    import shutil
+
+    import transformers
+    import yaml
+
+    cfg, out, adapter, _ = sft_run
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    del saved["both_orders"]
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished stage must not train again")
+
+    monkeypatch.setattr(transformers.Trainer, "train", no_training)
+    moved = dataclasses.replace(cfg, out=str(copy))
+    assert train_sft(moved, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu") == (
+        copy / "adapter"
+    )
+    with pytest.raises(PrefrecError, match=r"other settings \(both_orders\)"):
+        train_sft(dataclasses.replace(moved, both_orders=True), str(tiny_dir), TEMPLATE,
+                  dtype="float32", device="cpu")
+
+
+def test_both_orders_doubles_the_groups_and_refuses_selection_data(
+    tiny_dir, sft_adapter, shared_data, tmp_path
+):
+    cfg = _align_cfg(tmp_path / "both", sft_adapter, both_orders=True, limit=3, negatives=2)
+    train_align(cfg, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "both" / "config.yaml").read_text())["n_groups"] == 6
+    bad = _align_cfg(tmp_path / "sel", sft_adapter, both_orders=True,
+                     data=str(shared_data / "sdpo-lastfm" / "lastfm-val.json"))
+    with pytest.raises(PrefrecError, match="pairwise .DMPO. data only"):
+        train_align(bad, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")

@@ -12,7 +12,7 @@ tabulates every model's validation metrics side by side. The study file::
       default: []
       lr-1e-4: [align.lr=1.0e-4]
 
-Variant ``V`` runs in ``<out>/V`` with its data built once in ``<out>/data``. A variant
+The default is the variant named ``default`` (else the first). Variant ``V`` runs in ``<out>/V`` with its data built once in ``<out>/data``. A variant
 whose SFT settings equal the default's starts from a copy of the default's finished SFT
 adapter (and of its zero-shot evaluation, when those settings match too) instead of
 training it again: the same config and seed give the same adapter. Outputs:
@@ -67,6 +67,11 @@ def load_study(path: str | Path) -> dict[str, Any]:
     study.setdefault("overrides", [])
     study.setdefault("metric", "pairwise_accuracy")
     return study
+
+
+def default_variant(study: dict[str, Any]) -> str:
+    """The variant the others change one setting of: ``default``, else the first listed."""
+    return "default" if "default" in study["variants"] else next(iter(study["variants"]))
 
 
 def variant_config(study: dict[str, Any], name: str) -> dict[str, Any]:
@@ -184,12 +189,14 @@ def run_study(study: dict[str, Any], only: list[str] | None = None) -> Path:
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise PrefrecError(f"--only {unknown}: not variants of this study ({', '.join(names)})")
-    default = variant_config(study, names[0])
+    first = default_variant(study)
+    names = [first] + [n for n in names if n != first]
+    default = variant_config(study, first)
     for name in names:
         if only and name not in only:
             continue
         config = variant_config(study, name)
-        if name != names[0]:
+        if name != first:
             copied = reuse_default_stages(default, config)
             if copied:
                 log.info("variant %s reuses the default's %s", name, ", ".join(copied))

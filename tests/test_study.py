@@ -1,0 +1,134 @@
+"""`prefrec study` and the runner's build stage, on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prefrec.cli import main as cli_main
+from prefrec.errors import PrefrecError
+from prefrec.runner import _build, load_config
+from prefrec.study import load_study, reuse_default_stages, run_study, variant_config
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+BUILD = {"raw": "ml100k", "format": "ml100k", "protocol": "dmpo", "prefix": "m",
+         "max_interactions": 0, "sft_users": 6, "dpo_users": 6, "valid_users": 3,
+         "eval_users": 3, "pairs_per_user": 2, "groups_per_user": 2, "eval_pairs_per_user": 2,
+         "max_history": 5, "max_negatives": 2, "min_negatives": 2}
+
+
+def _config(tiny_dir: Path, out: Path) -> dict:
+    return {
+        "name": "tiny", "out": str(out), "model": str(tiny_dir), "dtype": "float32",
+        "device": "cpu", "build": dict(BUILD),
+        "experiments": [{"name": "m", "sft": "m_sft_ranking.json",
+                         "preference": "m_dpo_ranking_{k}.json", "eval": "m_eval_ranking.json"}],
+        "sft": {"max_steps": 2, "warmup_ratio": 0.0, "batch_size": 2, "lora_r": 4,
+                "lora_alpha": 8},
+        "align": {"losses": ["dmpo"], "negatives": [2], "max_steps": 1, "batch_size": 2,
+                  "lora_r": 4, "lora_alpha": 8},
+        "eval": {"batch_size": 4, "n_boot": 50, "orders": "both"},
+        "significance": {"n_boot": 50},
+    }
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")  # sorts keys: "beta" first
+    return path
+
+
+def test_build_stage_builds_once_into_the_data_dir(tiny_dir, tmp_path, monkeypatch):
+    config = load_config(_write(tmp_path / "c.yaml", _config(tiny_dir, tmp_path / "o")))
+    assert config["data_dir"] == str(tmp_path / "o" / "data")
+    _build(config)
+    data = tmp_path / "o" / "data"
+    report = json.loads((data / "m_build_report.json").read_text())
+    assert report["examples"]["sft"] == 12 and report["examples"]["dpo_2"] == 6 * 2 * 2
+    assert report["examples"]["eval"] == 6 and report["examples"]["valid"] == 6
+
+    import prefrec.data.build as build
+
+    monkeypatch.setattr(build, "build_files", lambda args: pytest.fail("built twice"))
+    _build(config)  # same arguments: nothing to do
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        ({"raw": "ml100k", "format": "ml100k"}, "build needs protocol"),
+        ({**BUILD, "pairs_per_users": 2}, r"unknown key\(s\) pairs_per_users in build"),
+        ([1, 2], "build must be a mapping"),
+    ],
+)
+def test_bad_build_sections_name_the_file(tiny_dir, tmp_path, build, message):
+    path = _write(tmp_path / "c.yaml", {**_config(tiny_dir, tmp_path / "o"), "build": build})
+    with pytest.raises(PrefrecError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_bad_build_value_is_a_one_line_error(tiny_dir, tmp_path, capsys):
+    config = _config(tiny_dir, tmp_path / "o")
+    config["build"]["sft_users"] = "many"
+    assert cli_main(["run", str(_write(tmp_path / "c.yaml", config))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("prefrec: error: build:") and "Traceback" not in err
+
+
+def _study(tmp_path: Path, tiny_dir: Path, variants: dict) -> Path:
+    base = _write(tmp_path / "base.yaml", _config(tiny_dir, tmp_path / "unused"))
+    return _write(tmp_path / "study.yaml", {
+        "base": str(base), "out": str(tmp_path / "study"), "variants": variants,
+        "overrides": ['experiments=[{name: m, sft: m_sft_ranking.json, '
+                      'preference: "m_dpo_ranking_{k}.json", eval: m_valid_ranking.json}]'],
+    })
+
+
+def test_study_files_are_checked(tmp_path, tiny_dir):
+    with pytest.raises(PrefrecError, match="missing variants"):
+        load_study(_write(tmp_path / "s.yaml", {"base": "b.yaml", "out": "o"}))
+    with pytest.raises(PrefrecError, match="must be a list of key=value strings"):
+        load_study(_study(tmp_path, tiny_dir, {"default": "align.lr=1"}))
+    with pytest.raises(PrefrecError, match=r"unknown key\(s\) \['variant'\]"):
+        load_study(_write(tmp_path / "s.yaml", {"base": "b", "out": "o", "variant": {}}))
+
+
+def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_dir, caplog):
+    caplog.set_level("INFO", logger="prefrec.study")
+    study = load_study(_study(tmp_path, tiny_dir, {
+        "default": [], "beta": ["align.beta=0.5"], "sft-lr": ["sft.lr=1.0e-3"],
+    }))
+    default, beta, sft_lr = (variant_config(study, n) for n in ("default", "beta", "sft-lr"))
+    assert default["data_dir"] == beta["data_dir"] == str(tmp_path / "study" / "data")
+    assert beta["out"] == str(tmp_path / "study" / "beta")
+    assert beta["align"]["beta"] == 0.5 and default["align"].get("beta") != 0.5
+    assert beta["experiments"][0]["eval"] == "m_valid_ranking.json"
+    # Nothing finished yet: nothing to copy.
+    assert reuse_default_stages(default, beta) == []
+
+    table = run_study(study, only=["default", "beta", "sft-lr"])
+    out = tmp_path / "study"
+    # beta reused the default's SFT adapter and zero-shot eval; sft-lr trained its own.
+    beta_sft = out / "beta" / "m" / "sft" / "adapter" / "adapter_model.safetensors"
+    default_sft = out / "default" / "m" / "sft" / "adapter" / "adapter_model.safetensors"
+    lr_sft = out / "sft-lr" / "m" / "sft" / "adapter" / "adapter_model.safetensors"
+    assert beta_sft.read_bytes() == default_sft.read_bytes() != lr_sft.read_bytes()
+    assert "variant beta reuses the default's m/sft, m/eval/zero-shot" in caplog.text
+    assert "variant sft-lr reuses the default's m/eval/zero-shot" in caplog.text
+
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert {(r["variant"], r["model"]) for r in rows} == {
+        (v, m) for v in ("default", "beta", "sft-lr") for m in ("zero-shot", "sft", "dmpo-k2")
+    }
+    text = table.read_text()
+    assert "| beta | align.beta=0.5 | dmpo-k2 |" in text
+    valid_n = json.loads((out / "data" / "m_build_report.json").read_text())["examples"]["valid"]
+    assert all(r["metrics"]["pairwise_accuracy"]["n"] == valid_n for r in rows)
+    assert all("pairwise_accuracy_given_order" in r["metrics"] for r in rows)
+
+    with pytest.raises(PrefrecError, match="not variants of this study"):
+        run_study(study, only=["nope"])
