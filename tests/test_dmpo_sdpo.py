@@ -278,3 +278,20 @@ def test_swap_candidate_order_is_an_involution_that_keeps_the_answer(shared_data
     assert len(both) == 2 * len(rows)
     groups = group_pairs_by_user(both)
     assert len(groups) == 2 * len(group_pairs_by_user(rows)) and {g.k for g in groups} == {3}
+
+
+def test_convert_normalize_titles_removes_the_ml1m_year_drift(shared_data, tmp_path, capsys):
+    from prefrec.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["data", "convert", "ml1m-eval", "--to", "dmpo", "-o", str(out),
+                 "--normalize-titles"]) == 0
+    rows = read_dmpo(out)
+    original = read_dmpo(shared_data / "dmpo" / "rec_data_ml_1m_eval_ranking.json")
+    assert len(rows) == len(original)
+    assert rows[0].candidates == ("Bringing Up Baby", "Bug's Life")
+    assert rows[0].positive_title == "Bug's Life" and "(1998)" not in rows[0].prompt
+    assert [r.positive for r in rows] == [r.positive for r in original]
+    assert main(["data", "convert", "lastfm", "--to", "sdpo", "-o", str(tmp_path / "l.json"),
+                 "--normalize-titles"]) == 2
+    assert "applies to DMPO pairwise data only" in capsys.readouterr().err

@@ -382,3 +382,12 @@ def test_dmpo_repeated_item_counts_once_with_its_latest_rating():
     assert data.sft[0].history == tuple(f"Title u-p{i}" for i in range(1, 6))
     negatives = {r.meta["negative_item"] for r in data.dpo[5]}
     assert negatives == {"u-p0", "u-n0", "u-n1", "u-n2", "u-n3"}
+
+
+def test_dmpo_normalize_titles_option(ml100k):
+    config = DMPOConfig(n_sft_users=5, n_dpo_users=5, n_eval_users=5, max_interactions=None)
+    raw = build_dmpo(ml100k, config)
+    norm = build_dmpo(ml100k, DMPOConfig(**{**config.__dict__, "normalize_titles": True}))
+    assert any("(19" in t for ex in raw.eval for t in ex.history)
+    assert not any("(19" in t for ex in norm.eval for t in (*ex.history, *ex.candidates))
+    assert [ex.user for ex in norm.eval] == [ex.user for ex in raw.eval]  # same draws

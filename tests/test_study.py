@@ -107,6 +107,12 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
     assert beta["out"] == str(tmp_path / "study" / "beta")
     assert beta["align"]["beta"] == 0.5 and default["align"].get("beta") != 0.5
     assert beta["experiments"][0]["eval"] == "m_valid_ranking.json"
+    norm = variant_config(
+        load_study(_study(tmp_path, tiny_dir, {"default": [], "n": ["build.normalize_titles=true"]})),
+        "n",
+    )
+    assert norm["data_dir"] == str(tmp_path / "study" / "n" / "data")  # its own build
+    assert norm["build"]["normalize_titles"] is True
     # Nothing finished yet: nothing to copy.
     assert reuse_default_stages(default, beta) == []
 

@@ -48,7 +48,21 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
     from prefrec.data.formats import load_examples, save_examples
     from prefrec.data.resolve import resolve_dataset
 
-    examples = load_examples(resolve_dataset(args.input, data_dir=args.data_dir))
+    path = resolve_dataset(args.input, data_dir=args.data_dir)
+    examples = load_examples(path)
+    if args.normalize_titles:
+        from prefrec.data.dmpo import with_normalized_titles
+        from prefrec.data.schema import PairwiseExample
+
+        if not all(isinstance(ex, PairwiseExample) for ex in examples):
+            raise PrefrecError(f"{path}: --normalize-titles applies to DMPO pairwise data only")
+        fixed = []
+        for i, ex in enumerate(examples):
+            try:
+                fixed.append(with_normalized_titles(ex))
+            except ValueError as err:
+                raise PrefrecError(f"{path}: record {i}: instruction: {err}") from None
+        examples = fixed
     save_examples(examples, args.output, args.to)
     print(f"wrote {args.output} ({args.to})")
 
@@ -195,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", help="dataset file or name")
     c.add_argument("--to", required=True, choices=["dmpo", "sdpo", "trl"], help="output format")
     c.add_argument("--output", "-o", required=True, help="output file")
+    c.add_argument("--normalize-titles", action="store_true",
+                   help="DMPO data: normalise every title (removes the ML-1M train/eval year "
+                        "drift; prefrec.data.titles.normalize_title)")
     _add_data_dir(c)
     c.set_defaults(func=_cmd_data_convert)
 

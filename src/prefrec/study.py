@@ -12,7 +12,8 @@ tabulates every model's validation metrics side by side. The study file::
       default: []
       lr-1e-4: [align.lr=1.0e-4]
 
-The default is the variant named ``default`` (else the first). Variant ``V`` runs in ``<out>/V`` with its data built once in ``<out>/data``. A variant
+The default is the variant named ``default`` (else the first). Variant ``V`` runs in ``<out>/V`` with its data built once in ``<out>/data`` (or in
+``<out>/V/data`` when it changes the ``build`` section). A variant
 whose SFT settings equal the default's starts from a copy of the default's finished SFT
 adapter (and of its zero-shot evaluation, when those settings match too) instead of
 training it again: the same config and seed give the same adapter. Outputs:
@@ -79,8 +80,11 @@ def variant_config(study: dict[str, Any], name: str) -> dict[str, Any]:
     from prefrec.runner import load_config
 
     out = Path(study["out"])
-    overrides = [*study["overrides"], *study["variants"][name],
-                 f"out={out / name}", f"data_dir={out / 'data'}", f"name={name}"]
+    changes = study["variants"][name]
+    # Variants share one data build unless they change it.
+    data = out / name / "data" if any(o.startswith("build.") for o in changes) else out / "data"
+    overrides = [*study["overrides"], *changes, f"out={out / name}", f"data_dir={data}",
+                 f"name={name}"]
     return load_config(study["base"], overrides)
 
 

@@ -61,6 +61,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                    help="data-rich DPO: preference groups (targets) per user (default: 1)")
     d.add_argument("--eval-pairs-per-user", type=int, default=1,
                    help="pairs per valid/eval user (default: 1)")
+    d.add_argument("--normalize-titles", action="store_true",
+                   help="normalise titles (no year, no trailing article)")
     d.add_argument("--max-history", type=int, default=0,
                    help="keep the latest N liked items in a history; 0 = all (default: 0)")
     d.add_argument("--domain", default="movie", choices=sorted(DOMAINS),
@@ -136,6 +138,7 @@ def build_files(args: argparse.Namespace) -> tuple[list[Path], dict]:
             groups_per_user=args.groups_per_user,
             eval_pairs_per_user=args.eval_pairs_per_user,
             max_history=args.max_history or None,
+            normalize_titles=args.normalize_titles,
             scale_down=args.scale_down,
             domain=args.domain,
             seed=args.seed,

@@ -27,7 +27,12 @@ from typing import Any
 
 from prefrec.data.prompts import pairwise_completion, title_tag
 from prefrec.data.schema import PairwiseExample
-from prefrec.data.titles import history_user_key, parse_title_tags
+from prefrec.data.titles import (
+    history_user_key,
+    normalize_title,
+    normalize_title_tags,
+    parse_title_tags,
+)
 from prefrec.errors import DataError
 from prefrec.io import atomic_write_text
 
@@ -207,6 +212,27 @@ def swap_candidate_order(example: PairwiseExample) -> PairwiseExample:
         rejected=example.rejected,
         user=example.user,
         meta={**example.meta, "candidates_swapped": not example.meta.get("candidates_swapped")},
+    )
+
+
+def with_normalized_titles(example: PairwiseExample) -> PairwiseExample:
+    """``example`` with every title passed through :func:`normalize_title`, in the prompt
+    and the completions alike (removes the ML-1M train/eval year drift; see there).
+
+    Raises ``ValueError`` when the two candidates become the same title (a remake pair).
+    """
+    candidates = tuple(normalize_title(t) for t in example.candidates)
+    if candidates[0] == candidates[1]:
+        raise ValueError(f"both candidates normalise to {candidates[0]!r}")
+    return PairwiseExample(
+        history=tuple(normalize_title(t) for t in example.history),
+        candidates=(candidates[0], candidates[1]),
+        positive=example.positive,
+        prompt=normalize_title_tags(example.prompt),
+        chosen=normalize_title_tags(example.chosen),
+        rejected=normalize_title_tags(example.rejected),
+        user=example.user,
+        meta=example.meta,
     )
 
 

@@ -63,6 +63,7 @@ from prefrec.data.dmpo import write_dmpo
 from prefrec.data.raw import items_without_title
 from prefrec.data.schema import Interaction, Interactions, PairwiseExample, SelectionExample
 from prefrec.data.sdpo import write_sdpo
+from prefrec.data.titles import normalize_title
 from prefrec.errors import DataError
 
 ALL_PAIRS = "all"
@@ -180,6 +181,8 @@ class DMPOConfig:
             the same unseen users).
         max_history: keep only the latest this many liked items in a prompt's history;
             ``None`` keeps all (the released files' users have at most 40 events).
+        normalize_titles: pass every title through
+            :func:`prefrec.data.titles.normalize_title` (no year, no trailing article).
         scale_down: shrink every split by one factor when too few users qualify, instead
             of failing.
         domain: key of :data:`prefrec.data.prompts.DOMAINS` for the prompt wording.
@@ -200,6 +203,7 @@ class DMPOConfig:
     groups_per_user: int = 1
     eval_pairs_per_user: int = 1
     max_history: int | None = None
+    normalize_titles: bool = False
     scale_down: bool = False
     domain: str = "movie"
     seed: int = 0
@@ -393,6 +397,9 @@ def build_dmpo(log: Interactions, config: DMPOConfig | None = None) -> DMPOData:
     and ``config.scale_down`` is false.
     """
     config = config or DMPOConfig()
+    if config.normalize_titles:
+        log = Interactions(log.events, {k: normalize_title(v) for k, v in log.titles.items()},
+                           log.source)
     domain = prompts.DOMAINS[config.domain]
     by_user = _events_by_user(log.events)
     report = BuildReport(

@@ -82,6 +82,15 @@ def normalize_title(title: str) -> str:
     return " ".join(title.split())
 
 
+def normalize_title_tags(text: str) -> str:
+    """``text`` with the title inside every ``<Title:...>`` tag normalised.
+
+    >>> normalize_title_tags(" <Title:Sound of Music, The (1965)> ,  <Title:Tarzan > ")
+    ' <Title:Sound of Music> ,  <Title:Tarzan> '
+    """
+    return _TITLE_TAG.sub(lambda m: f"<Title:{normalize_title(m.group(1))}>", text)
+
+
 def item_key(title: str) -> str:
     """The item identity that baselines and audits use: ``normalize_title(title).casefold()``.
 
