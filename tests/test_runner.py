@@ -135,6 +135,19 @@ def test_compare_gives_paired_pvalues_on_common_examples(tmp_path):
     assert same["delta"] == 0 and same["p_mcnemar"] == 1.0
 
 
+def test_compare_ranks_both_order_rows_by_their_summed_scores(tmp_path):
+    """Significance uses the scores the evaluation ranked by: with both candidate orders,
+    a pair lost on the given order can be won on the sum."""
+    a = _pairwise_folder(tmp_path / "a", [False] * 30)  # loses every pair on the given order
+    rows = [json.loads(x) for x in (a / "scores.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.update(chosen_logp_swapped=-1.0, rejected_logp_swapped=-2.0)  # sum: -3.0 vs -3.5
+    (a / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    b = _pairwise_folder(tmp_path / "b", [False] * 30)
+    row = compare(a, b, "pairwise", n_boot=100, seed=0)
+    assert row["a"] == 1.0 and row["b"] == 0.0
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -242,6 +242,15 @@ def _generate_rows(
 # --------------------------------------------------------------------------- metrics
 
 
+def ranking_logps(row: dict[str, Any]) -> tuple[float, float]:
+    """The (chosen, rejected) scores a pairwise row is ranked by: the given-order log-probs,
+    plus the swapped-order ones when the row has them (``--orders both``)."""
+    if "chosen_logp_swapped" in row:
+        return (row["chosen_logp"] + row["chosen_logp_swapped"],
+                row["rejected_logp"] + row["rejected_logp_swapped"])
+    return row["chosen_logp"], row["rejected_logp"]
+
+
 def pairwise_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
     """Pairwise accuracy, DMPO-protocol AUC, candidate ROC-AUC, position-split accuracy and
     the listed-first preference (position bias).
@@ -259,10 +268,8 @@ def pairwise_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> 
 
     chosen_given, rejected_given = column("chosen_logp"), column("rejected_logp")
     both = all("chosen_logp_swapped" in r for r in rows)
-    chosen, rejected = chosen_given, rejected_given
-    if both:
-        chosen = chosen_given + column("chosen_logp_swapped")
-        rejected = rejected_given + column("rejected_logp_swapped")
+    ranked = np.array([ranking_logps(r) for r in rows], dtype=np.float64).reshape(-1, 2)
+    chosen, rejected = ranked[:, 0], ranked[:, 1]
     chosen_n = column("chosen_tokens") * (2 if both else 1)
     rejected_n = column("rejected_tokens") * (2 if both else 1)
     first = np.array([r["positive_first"] for r in rows], dtype=bool)

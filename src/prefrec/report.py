@@ -71,14 +71,16 @@ def _model_entry(folder: Path, kind: str, out: Path) -> dict[str, Any] | None:
 def per_example_outcomes(folder: Path, task: str) -> dict[int, tuple[np.ndarray, ...]]:
     """Example index -> the arrays the primary metric takes, from ``scores.jsonl``.
 
-    Pairwise: (chosen log-prob, rejected log-prob); selection: (rank of the target,).
+    Pairwise: (chosen, rejected) log-probs as the evaluation ranked them (summed over both
+    candidate orders when it scored both); selection: (rank of the target,).
     """
+    from prefrec.evaluate import ranking_logps
     from prefrec.metrics import target_ranks
 
     path = folder / "scores.jsonl"
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
     if task == "pairwise":
-        return {r["index"]: (r["chosen_logp"], r["rejected_logp"]) for r in rows}
+        return {r["index"]: ranking_logps(r) for r in rows}
     ranks = target_ranks(np.array([r["logps"] for r in rows], dtype=np.float64),
                          np.array([r["target_index"] for r in rows]))
     return {r["index"]: (int(rank),) for r, rank in zip(rows, ranks, strict=True)}
