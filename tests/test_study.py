@@ -138,3 +138,12 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
 
     with pytest.raises(PrefrecError, match="not variants of this study"):
         run_study(study, only=["nope"])
+
+
+def test_the_shipped_study_and_every_variant_load():
+    study = load_study(Path(__file__).parents[1] / "configs" / "quality-study.yaml")
+    assert list(study["variants"])[0] == "default"
+    for name in study["variants"]:
+        config = variant_config(study, name)
+        assert config["experiments"][0]["eval"] == "ml100k_valid_ranking.json"  # never test
+        assert config["out"].endswith(name)
