@@ -93,7 +93,7 @@ def test_study_files_are_checked(tmp_path, tiny_dir):
         load_study(_write(tmp_path / "s.yaml", {"base": "b.yaml", "out": "o"}))
     with pytest.raises(PrefrecError, match="must be a list of key=value strings"):
         load_study(_study(tmp_path, tiny_dir, {"default": "align.lr=1"}))
-    with pytest.raises(PrefrecError, match=r"unknown key\(s\) \['variant'\]"):
+    with pytest.raises(PrefrecError, match=r"unknown key\(s\) variant in the top level"):
         load_study(_write(tmp_path / "s.yaml", {"base": "b", "out": "o", "variant": {}}))
 
 

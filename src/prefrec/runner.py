@@ -128,7 +128,7 @@ def apply_override(config: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _check_keys(section: str, given: dict[str, Any], allowed: set[str], source: str) -> None:
+def check_keys(section: str, given: dict[str, Any], allowed: set[str], source: str) -> None:
     unknown = sorted(set(given) - allowed)
     if unknown:
         raise PrefrecError(
@@ -137,23 +137,29 @@ def _check_keys(section: str, given: dict[str, Any], allowed: set[str], source: 
         )
 
 
+def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: ``{}``); one-line errors."""
+    if not path.is_file():
+        raise PrefrecError(f"{path}: no such {what} file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise PrefrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise PrefrecError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a run config, apply ``key=value`` overrides, fill defaults and validate keys."""
     from prefrec.train.config import AlignConfig, SFTConfig
 
     path = Path(path)
-    if not path.is_file():
-        raise PrefrecError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise PrefrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise PrefrecError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "config")
     for text in overrides or []:
         apply_override(raw, *parse_override(text))
     config = copy.deepcopy(DEFAULTS)
-    _check_keys("the top level", raw, set(DEFAULTS), str(path))
+    check_keys("the top level", raw, set(DEFAULTS), str(path))
     config.update(raw)
     if config["out"] is None:
         config["out"] = str(Path("runs") / config["name"])
@@ -165,11 +171,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     stage_fields = {f.name for f in dataclasses.fields(SFTConfig)} - {"data", "out"}
     sft = config["sft"]
     if sft not in (None, False):
-        _check_keys("sft", sft, stage_fields, str(path))
+        check_keys("sft", sft, stage_fields, str(path))
     align = config["align"]
     if align not in (None, False):
         align_fields = {f.name for f in dataclasses.fields(AlignConfig)} - {"data", "out", "sft"}
-        _check_keys("align", align, align_fields | {"losses"}, str(path))
+        check_keys("align", align, align_fields | {"losses"}, str(path))
         align.setdefault("losses", ["dmpo"])
         align.setdefault("negatives", [3])
         for key in ("losses", "negatives"):
@@ -178,10 +184,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         bad = [x for x in align["losses"] if x not in ("dpo", "dmpo", "sdpo")]
         if bad:
             raise PrefrecError(f"{path}: align.losses has {bad}; expected dpo, dmpo or sdpo")
-    _check_keys("eval", config["eval"], set(EVAL_KEYS), str(path))
+    check_keys("eval", config["eval"], set(EVAL_KEYS), str(path))
     config["eval"] = {**EVAL_KEYS, **config["eval"]}
     if config["baselines"]:
-        _check_keys("baselines", config["baselines"], {"methods", "config", "limit"}, str(path))
+        check_keys("baselines", config["baselines"], {"methods", "config", "limit"}, str(path))
         from prefrec.baselines import METHODS
 
         unknown = [m for m in config["baselines"].get("methods") or [] if m not in METHODS]
@@ -196,7 +202,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         where = f"{path}: experiments[{i}]"
         if not isinstance(exp, dict):
             raise PrefrecError(f"{where}: expected a mapping")
-        _check_keys(f"experiments[{i}]", exp, EXPERIMENT_KEYS, str(path))
+        check_keys(f"experiments[{i}]", exp, EXPERIMENT_KEYS, str(path))
         if "name" not in exp:
             raise PrefrecError(f"{where}: missing name")
         if "eval" not in exp and "split" not in exp:
@@ -226,7 +232,7 @@ def _check_build(build: Any, source: str) -> None:
     if not isinstance(build, dict):
         raise PrefrecError(f"{source}: build must be a mapping of `prefrec data build` options")
     allowed = {a.dest for a in _build_parser()._actions} - {"out"}
-    _check_keys("build", build, allowed, source)
+    check_keys("build", build, allowed, source)
     missing = [k for k in ("raw", "format", "protocol") if k not in build]
     if missing:
         raise PrefrecError(f"{source}: build needs {', '.join(missing)}")

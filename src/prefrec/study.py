@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from prefrec.errors import PrefrecError
 from prefrec.io import atomic_write_json, atomic_write_text
 
@@ -42,18 +40,11 @@ STUDY_KEYS = {"base", "out", "overrides", "metric", "variants"}
 
 def load_study(path: str | Path) -> dict[str, Any]:
     """Read and check a study file."""
+    from prefrec.runner import check_keys, read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise PrefrecError(f"{path}: no such study file")
-    try:
-        study = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise PrefrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(study, dict):
-        raise PrefrecError(f"{path}: expected a mapping at the top level")
-    unknown = sorted(set(study) - STUDY_KEYS)
-    if unknown:
-        raise PrefrecError(f"{path}: unknown key(s) {unknown}; expected {sorted(STUDY_KEYS)}")
+    study = read_yaml_mapping(path, "study")
+    check_keys("the top level", study, STUDY_KEYS, str(path))
     for key in ("base", "out", "variants"):
         if key not in study:
             raise PrefrecError(f"{path}: missing {key}")
