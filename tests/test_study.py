@@ -123,7 +123,10 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
     default_sft = out / "default" / "m" / "sft" / "adapter" / "adapter_model.safetensors"
     lr_sft = out / "sft-lr" / "m" / "sft" / "adapter" / "adapter_model.safetensors"
     assert beta_sft.read_bytes() == default_sft.read_bytes() != lr_sft.read_bytes()
-    assert "variant beta reuses the default's m/sft, m/eval/zero-shot" in caplog.text
+    assert "variant beta reuses the default's m/sft, m/eval/zero-shot, m/eval/sft" in caplog.text
+    copied = json.loads((out / "beta" / "m" / "eval" / "sft" / "metrics.json").read_text())
+    assert copied["settings"]["adapters"] == [str(out / "beta" / "m" / "sft" / "adapter")]
+    assert not (out / "beta" / "m" / "sft" / "checkpoints").exists()
     assert "variant sft-lr reuses the default's m/eval/zero-shot" in caplog.text
 
     rows = json.loads((out / "study.json").read_text())["rows"]

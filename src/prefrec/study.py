@@ -84,8 +84,10 @@ def _same(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ...]) -> bool:
 
 
 def reuse_default_stages(default: dict[str, Any], config: dict[str, Any]) -> list[str]:
-    """Copy the default variant's finished SFT adapters and zero-shot evaluations into a
-    variant whose settings for them are the same; returns what was copied."""
+    """Copy the default variant's finished SFT adapters, zero-shot evaluations and SFT
+    evaluations into a variant whose settings for them are the same; returns what was
+    copied. A copied evaluation's settings name the copied adapter, as the variant's
+    own evaluation would."""
     from prefrec.runner import experiments
 
     copied = []
@@ -101,6 +103,8 @@ def reuse_default_stages(default: dict[str, Any], config: dict[str, Any]) -> lis
             pairs.append(f"{exp.name}/sft")
         if config["eval"] == default["eval"]:
             pairs.append(f"{exp.name}/eval/zero-shot")
+            if config["sft"] == default["sft"]:
+                pairs.append(f"{exp.name}/eval/sft")
         for rel in pairs:
             src, dst = src_root / rel, dst_root / rel
             finished = (src / "adapter" / "adapter_config.json").is_file() or (
@@ -109,9 +113,27 @@ def reuse_default_stages(default: dict[str, Any], config: dict[str, Any]) -> lis
             if not finished or dst.exists():
                 continue
             # Checkpoints are only for resuming a killed run; the final adapter is enough.
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint-*"))
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+            _point_settings_at(dst, str(src_root), str(dst_root))
             copied.append(rel)
     return copied
+
+
+def _point_settings_at(folder: Path, old_root: str, new_root: str) -> None:
+    """Rewrite the adapter paths in a copied evaluation's settings from the default's
+    folder to the variant's (the adapters there are copies of the same files)."""
+    def moved(adapters: list[str]) -> list[str]:
+        return [new_root + a[len(old_root):] if a.startswith(old_root) else a for a in adapters]
+
+    config_path, metrics_path = folder / "eval_config.json", folder / "metrics.json"
+    if config_path.is_file():
+        settings = json.loads(config_path.read_text(encoding="utf-8"))
+        atomic_write_json(config_path, {**settings, "adapters": moved(settings["adapters"])})
+    if metrics_path.is_file():
+        result = json.loads(metrics_path.read_text(encoding="utf-8"))
+        settings = result["settings"]
+        result["settings"] = {**settings, "adapters": moved(settings["adapters"])}
+        atomic_write_json(metrics_path, result)
 
 
 def _metric_cell(metrics: dict[str, Any], name: str) -> str:
