@@ -150,6 +150,18 @@ def test_compare_ranks_both_order_rows_by_their_summed_scores(tmp_path):
     assert row["a"] == 1.0 and row["b"] == 0.0
 
 
+def test_mcnemar_leaves_out_tied_pairs_that_accuracy_counts_as_half(tmp_path):
+    a = _pairwise_folder(tmp_path / "a", [True] * 20)
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    rows = [{"index": i, "chosen_logp": 0.0, "rejected_logp": 0.0} for i in range(10)]
+    rows += [{"index": i, "chosen_logp": -2.0, "rejected_logp": -1.5} for i in range(10, 20)]
+    (tied / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    row = compare(a, tied, "pairwise", n_boot=100, seed=0)
+    assert row["b"] == pytest.approx(0.25)  # ten ties at 0.5, ten losses
+    assert row["n_mcnemar"] == 10 and row["p_mcnemar"] == pytest.approx(2 * 0.5**10)
+
+
 # --------------------------------------------------------------------------- end to end
 
 

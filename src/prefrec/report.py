@@ -98,6 +98,10 @@ def compare(folder_a: Path, folder_b: Path, task: str, n_boot: int, seed: int) -
     cols_b = [np.array(c, dtype=np.float64) for c in zip(*(b[i] for i in common), strict=True)]
     if task == "pairwise":
         hit_a, hit_b = cols_a[0] > cols_a[1], cols_b[0] > cols_b[1]
+        # Accuracy counts a tie (e.g. a baseline that never saw either item) as half a
+        # hit; McNemar needs 0/1 outcomes, so it uses the pairs neither model tied.
+        decided = (cols_a[0] != cols_a[1]) & (cols_b[0] != cols_b[1])
+        hit_a, hit_b = hit_a[decided], hit_b[decided]
     else:
         hit_a, hit_b = cols_a[0] == 1, cols_b[0] == 1
     value_a, value_b = metric.fn(*cols_a), metric.fn(*cols_b)
@@ -110,6 +114,7 @@ def compare(folder_a: Path, folder_b: Path, task: str, n_boot: int, seed: int) -
         "p_bootstrap": paired_bootstrap_pvalue(metric.fn, cols_a, cols_b, n_boot=n_boot,
                                                seed=seed, batched_fn=metric.batched_fn),
         "p_mcnemar": mcnemar_pvalue(hit_a, hit_b),
+        "n_mcnemar": len(hit_a),
     }
 
 
