@@ -294,4 +294,4 @@ def test_convert_normalize_titles_removes_the_ml1m_year_drift(shared_data, tmp_p
     assert [r.positive for r in rows] == [r.positive for r in original]
     assert main(["data", "convert", "lastfm", "--to", "sdpo", "-o", str(tmp_path / "l.json"),
                  "--normalize-titles"]) == 2
-    assert "applies to DMPO pairwise data only" in capsys.readouterr().err
+    assert "--normalize-titles applies to pairwise (DMPO) data only" in capsys.readouterr().err

@@ -51,13 +51,10 @@ def _cmd_data_convert(args: argparse.Namespace) -> None:
     path = resolve_dataset(args.input, data_dir=args.data_dir)
     examples = load_examples(path)
     if args.normalize_titles:
-        from prefrec.data.dmpo import with_normalized_titles
-        from prefrec.data.schema import PairwiseExample
+        from prefrec.data.dmpo import require_pairwise, with_normalized_titles
 
-        if not all(isinstance(ex, PairwiseExample) for ex in examples):
-            raise PrefrecError(f"{path}: --normalize-titles applies to DMPO pairwise data only")
         fixed = []
-        for i, ex in enumerate(examples):
+        for i, ex in enumerate(require_pairwise(examples, path, "--normalize-titles")):
             try:
                 fixed.append(with_normalized_titles(ex))
             except ValueError as err:

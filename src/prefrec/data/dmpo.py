@@ -236,6 +236,14 @@ def with_normalized_titles(example: PairwiseExample) -> PairwiseExample:
     )
 
 
+def require_pairwise(examples: Sequence[Any], path: str | Path, option: str) -> list[PairwiseExample]:
+    """``examples`` when all are pairwise, else a one-line error naming ``path`` and the
+    ``option`` that needs pairwise data."""
+    if not all(isinstance(ex, PairwiseExample) for ex in examples):
+        raise DataError(path, None, None, f"{option} applies to pairwise (DMPO) data only")
+    return list(examples)
+
+
 def with_both_orders(examples: Sequence[PairwiseExample]) -> list[PairwiseExample]:
     """``examples`` followed by their candidate-swapped copies (:func:`swap_candidate_order`).
 

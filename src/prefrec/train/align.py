@@ -407,9 +407,9 @@ def train_align(
     if cfg.limit:
         examples = limit_examples(examples, cfg.limit)
     if cfg.both_orders:
-        from prefrec.train.common import both_orders_or_fail
+        from prefrec.data.dmpo import require_pairwise, with_both_orders
 
-        examples = both_orders_or_fail(examples, data_path)
+        examples = with_both_orders(require_pairwise(examples, data_path, "--both-orders"))
     n, make_group, keys = build_groups(examples, cfg.negatives, cfg.seed, cfg.resample_negatives)
     fingerprint = model_fingerprint(chain.base_model, [str(a) for a in chain.adapters])
     cache_key = reference_cache_key(fingerprint, template, keys, cfg.max_length)

@@ -113,17 +113,6 @@ class JsonlLogCallback(TrainerCallback):
             append_jsonl(fh, row)
 
 
-def both_orders_or_fail(examples: list, data_path: Path) -> list:
-    """``--both-orders``: the pairwise examples plus their candidate-swapped copies."""
-    from prefrec.data.dmpo import with_both_orders
-    from prefrec.data.schema import PairwiseExample
-    from prefrec.errors import PrefrecError
-
-    if not all(isinstance(ex, PairwiseExample) for ex in examples):
-        raise PrefrecError(f"{data_path}: --both-orders applies to pairwise (DMPO) data only")
-    return with_both_orders(examples)
-
-
 def save_config(cfg: Any, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
     """Write ``config.yaml`` (main process only)."""
     if not is_main_process():

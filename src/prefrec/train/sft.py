@@ -107,9 +107,9 @@ def train_sft(
     if cfg.limit:
         examples = examples[: cfg.limit]
     if cfg.both_orders:
-        from prefrec.train.common import both_orders_or_fail
+        from prefrec.data.dmpo import require_pairwise, with_both_orders
 
-        examples = both_orders_or_fail(examples, data_path)
+        examples = with_both_orders(require_pairwise(examples, data_path, "--both-orders"))
     if not examples:
         raise PrefrecError(f"{data_path}: no training examples")
 
