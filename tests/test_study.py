@@ -126,6 +126,9 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
     assert "variant beta reuses the default's m/sft, m/eval/zero-shot, m/eval/sft" in caplog.text
     copied = json.loads((out / "beta" / "m" / "eval" / "sft" / "metrics.json").read_text())
     assert copied["settings"]["adapters"] == [str(out / "beta" / "m" / "sft" / "adapter")]
+    # ... and the runner accepted the copy instead of evaluating again (same wall time).
+    default_eval = json.loads((out / "default" / "m" / "eval" / "sft" / "metrics.json").read_text())
+    assert copied["wall_time_s"] == default_eval["wall_time_s"]
     assert not (out / "beta" / "m" / "sft" / "checkpoints").exists()
     assert "variant sft-lr reuses the default's m/eval/zero-shot" in caplog.text
 
