@@ -314,6 +314,7 @@ def ablation_plot(ablation: dict[str, dict[str, dict]], task: str, path: Path, t
         ax.plot(x, y, marker="o", label=loss)
         ax.fill_between(x, [m["ci_low"] for m in ks.values()],
                         [m["ci_high"] for m in ks.values()], alpha=0.15)
+    ax.set_xticks(sorted({int(k) for ks in ablation.values() for k in ks}))  # K is whole
     ax.set_xlabel("negatives K")
     ax.set_ylabel(PRIMARY[task])
     ax.set_title(title)
