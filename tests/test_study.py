@@ -11,7 +11,13 @@ import yaml
 from prefrec.cli import main as cli_main
 from prefrec.errors import PrefrecError
 from prefrec.runner import _build, load_config
-from prefrec.study import load_study, reuse_default_stages, run_study, variant_config
+from prefrec.study import (
+    load_study,
+    reuse_default_stages,
+    run_study,
+    study_rows,
+    variant_config,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -141,6 +147,14 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
     valid_n = json.loads((out / "data" / "m_build_report.json").read_text())["examples"]["valid"]
     assert all(r["metrics"]["pairwise_accuracy"]["n"] == valid_n for r in rows)
     assert all("pairwise_accuracy_given_order" in r["metrics"] for r in rows)
+
+    # A later run of another config into the default's folder (the final test-set
+    # evaluation) adds an experiment that is not part of the study: left out.
+    results = out / "default" / "results.json"
+    data = json.loads(results.read_text())
+    data["experiments"]["test"] = data["experiments"]["m"]
+    results.write_text(json.dumps(data))
+    assert {r["experiment"] for r in study_rows(study)} == {"m"}
 
     with pytest.raises(PrefrecError, match="not variants of this study"):
         run_study(study, only=["nope"])

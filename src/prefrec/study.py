@@ -144,7 +144,13 @@ def _metric_cell(metrics: dict[str, Any], name: str) -> str:
 
 
 def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (variant, model) with a finished evaluation, in variant order."""
+    """One row per (variant, model) with a finished evaluation, in variant order.
+
+    Only the study's own experiments count: a later run of another config into a
+    variant's folder (e.g. the final test-set evaluation) adds experiments to its
+    results.json that are not part of the validation study."""
+    from prefrec.runner import experiments
+
     rows = []
     out = Path(study["out"])
     for name, overrides in study["variants"].items():
@@ -152,7 +158,10 @@ def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
         if not results.is_file():
             continue
         data = json.loads(results.read_text(encoding="utf-8"))
+        own = {e.name for e in experiments(variant_config(study, name))}
         for exp_name, exp in data["experiments"].items():
+            if exp_name not in own:
+                continue
             for label, entry in exp["models"].items():
                 rows.append({
                     "variant": name,
