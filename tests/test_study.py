@@ -12,6 +12,7 @@ from prefrec.cli import main as cli_main
 from prefrec.errors import PrefrecError
 from prefrec.runner import _build, load_config
 from prefrec.study import (
+    final_models,
     load_study,
     reuse_default_stages,
     run_study,
@@ -144,6 +145,10 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
     }
     text = table.read_text()
     assert "| beta | align.beta=0.5 | dmpo-k2 |" in text
+    assert sorted((r["variant"], r["model"]) for r in final_models(rows)) == [
+        ("beta", "dmpo-k2"), ("default", "dmpo-k2"), ("sft-lr", "dmpo-k2")]
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![study](study.png)" in text
     valid_n = json.loads((out / "data" / "m_build_report.json").read_text())["examples"]["valid"]
     assert all(r["metrics"]["pairwise_accuracy"]["n"] == valid_n for r in rows)
     assert all("pairwise_accuracy_given_order" in r["metrics"] for r in rows)
@@ -167,3 +172,16 @@ def test_the_shipped_study_and_every_variant_load():
         config = variant_config(study, name)
         assert config["experiments"][0]["eval"] == "ml100k_valid_ranking.json"  # never test
         assert config["out"].endswith(name)
+
+
+def test_final_models_pick_each_variants_last_trained_language_model():
+    def row(variant, model, kind="llm"):
+        return {"variant": variant, "model": model, "kind": kind, "metrics": {}}
+
+    rows = [row("default", "zero-shot"), row("default", "sft"), row("default", "dmpo-k3"),
+            row("default", "itemknn", "baseline"),
+            row("no-sft", "zero-shot"), row("no-sft", "dpo-k1"),
+            row("sft-only", "zero-shot"), row("sft-only", "sft"),
+            row("base", "zero-shot")]
+    assert [(r["variant"], r["model"]) for r in final_models(rows)] == [
+        ("default", "dmpo-k3"), ("no-sft", "dpo-k1"), ("sft-only", "sft"), ("base", "zero-shot")]

@@ -228,7 +228,8 @@ def versions() -> dict[str, str]:
 # --------------------------------------------------------------------------- figures
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` as a PNG, atomically, and close it."""
     import matplotlib.pyplot as plt
 
     with atomic_open(path, "wb") as fh:
@@ -263,7 +264,7 @@ def bar_chart(models: dict[str, dict], task: str, path: Path, title: str) -> boo
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -294,7 +295,7 @@ def training_curves(out: Path, exp_name: str, labels: list[str], path: Path) -> 
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{exp_name}: training curves")
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 
@@ -321,7 +322,7 @@ def ablation_plot(ablation: dict[str, dict[str, dict]], task: str, path: Path, t
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     return True
 
 

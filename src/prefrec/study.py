@@ -17,7 +17,8 @@ The default is the variant named ``default`` (else the first). Variant ``V`` run
 whose SFT settings equal the default's starts from a copy of the default's finished SFT
 adapter (and of its zero-shot evaluation, when those settings match too) instead of
 training it again: the same config and seed give the same adapter. Outputs:
-``<out>/study.md`` and ``<out>/study.json``, rewritten after every variant.
+``<out>/study.md``, ``<out>/study.json`` and the plot ``<out>/study.png``, rewritten
+after every variant.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from prefrec.errors import PrefrecError
 from prefrec.io import atomic_write_json, atomic_write_text
@@ -198,12 +201,64 @@ def study_markdown(study: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def final_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each variant's last-trained language model (preference > SFT > zero-shot): the
+    model a variant's setting is meant to move."""
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["kind"] == "llm":
+            last[r["variant"]] = r  # rows come in training order
+    return list(last.values())
+
+
+def study_plot(study: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> bool:
+    """Every variant's final model: the study metric with its 95% CI, against the
+    default's zero-shot and SFT values."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prefrec.report import save_png
+
+    metric = study["metric"]
+    finals = [r for r in final_models(rows) if r["metrics"].get(metric, {}).get("value") is not None]
+    if not finals:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(finals) + 1.6))
+    ys = np.arange(len(finals))[::-1]
+    vals = np.array([r["metrics"][metric]["value"] for r in finals])
+    err = np.array([[v - r["metrics"][metric]["ci_low"] for v, r in zip(vals, finals, strict=True)],
+                    [r["metrics"][metric]["ci_high"] - v for v, r in zip(vals, finals, strict=True)]])
+    ax.errorbar(vals, ys, xerr=err, fmt="o", capsize=3, color="#4C72B0")
+    ax.set_yticks(ys, [f"{r['variant']} ({r['model']})" for r in finals], fontsize=8)
+    first = default_variant(study)
+    styles = {"zero-shot": ("#55A868", ":"), "sft": ("#8172B2", "-.")}
+    for r in rows:
+        if r["variant"] == first and r["model"] in styles and metric in r["metrics"]:
+            color, line = styles[r["model"]]
+            ax.axvline(r["metrics"][metric]["value"], color=color, linestyle=line,
+                       linewidth=1, label=f"{first} {r['model']}")
+    if metric.startswith("pairwise"):
+        ax.axvline(0.5, color="#C44E52", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel(f"{metric} (95% CI)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    save_png(fig, path)
+    return True
+
+
 def write_study_tables(study: dict[str, Any]) -> Path:
+    """``study.json``, ``study.md`` and (with at least one finished model) ``study.png``."""
     rows = study_rows(study)
     out = Path(study["out"])
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"study": study, "rows": rows})
-    atomic_write_text(out / "study.md", study_markdown(study, rows))
+    markdown = study_markdown(study, rows)
+    if study_plot(study, rows, out / "study.png"):
+        markdown += "\nEach variant's final model: ![study](study.png)\n"
+    atomic_write_text(out / "study.md", markdown)
     return out / "study.md"
 
 
