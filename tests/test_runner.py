@@ -12,7 +12,7 @@ import yaml
 
 from prefrec.cli import main as cli_main
 from prefrec.errors import PrefrecError
-from prefrec.report import compare
+from prefrec.report import compare, cross_significance, model_entry
 from prefrec.runner import experiments, load_config, parse_override, run
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -160,6 +160,46 @@ def test_mcnemar_leaves_out_tied_pairs_that_accuracy_counts_as_half(tmp_path):
     row = compare(a, tied, "pairwise", n_boot=100, seed=0)
     assert row["b"] == pytest.approx(0.25)  # ten ties at 0.5, ten losses
     assert row["n_mcnemar"] == 10 and row["p_mcnemar"] == pytest.approx(2 * 0.5**10)
+
+
+def _scored(path: Path, wins: list[bool]) -> Path:
+    """An evaluation folder: scores.jsonl and the metrics.json the report reads."""
+    _pairwise_folder(path, wins)
+    (path / "metrics.json").write_text(json.dumps({
+        "settings": {"task": "pairwise"}, "wall_time_s": 1.0,
+        "metrics": {"pairwise_accuracy": {"value": sum(wins) / len(wins)}}}))
+    return path
+
+
+def test_cross_significance_compares_on_the_other_sets_own_rows(tmp_path):
+    """Models evaluated on another experiment's eval set are compared with that
+    experiment's zero-shot model and best baseline, which scored the same examples."""
+    n = 40
+    entries = {
+        ("test", "zero-shot"): [i % 2 == 0 for i in range(n)],       # 0.5
+        ("test", "popularity"): [i % 4 != 0 for i in range(n)],     # 0.75
+        ("test", "itemknn"): [i % 10 != 0 for i in range(n)],       # 0.9, the best baseline
+        ("cross", "sft"): [i % 5 == 0 for i in range(n)],           # 0.2
+        ("cross", "dmpo-k3"): [i % 5 != 0 for i in range(n)],       # 0.8, best preference
+        ("cross", "dpo-k3"): [i % 3 == 0 for i in range(n)],
+    }
+    folders = {"zero-shot": "test/eval/zero-shot", "popularity": "test/baselines/popularity",
+               "itemknn": "test/baselines/itemknn"}
+    test_models, cross_models = {}, {}
+    for (where, label), wins in entries.items():
+        folder = _scored(tmp_path / folders.get(label, f"m/cross/test/{label}"), wins)
+        kind = "baseline" if "baselines" in str(folder) else "llm"
+        target = test_models if where == "test" else cross_models
+        target[label] = model_entry(folder, kind, tmp_path)
+    experiments = {"test": {"models": test_models}}
+    rows = cross_significance({"test": cross_models}, experiments, tmp_path, 200, 0)["test"]
+    assert [(r["model"], r["versus"]) for r in rows] == [
+        ("dmpo-k3", "sft"), ("dmpo-k3", "zero-shot"), ("dmpo-k3", "itemknn")]
+    assert [round(r["delta"], 3) for r in rows] == [0.6, 0.3, -0.1]
+    assert all(r["n"] == n for r in rows)
+    # No preference model on that set: nothing to compare.
+    assert cross_significance({"test": {"sft": cross_models["sft"]}}, experiments,
+                              tmp_path, 200, 0) == {}
 
 
 # --------------------------------------------------------------------------- end to end

@@ -55,7 +55,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _model_entry(folder: Path, kind: str, out: Path) -> dict[str, Any] | None:
+def model_entry(folder: Path, kind: str, out: Path) -> dict[str, Any] | None:
+    """A finished evaluation folder as a report row (None while it has no metrics.json)."""
     result = _read_json(folder / "metrics.json")
     if result is None:
         return None
@@ -141,6 +142,24 @@ def _significance(models: dict[str, dict], out: Path, task: str, n_boot: int,
     return rows
 
 
+def cross_significance(cross: dict[str, dict[str, dict]], experiments: dict[str, dict],
+                       out: Path, n_boot: int, seed: int) -> dict[str, list[dict[str, Any]]]:
+    """The headline comparisons on another experiment's eval set: an experiment's best
+    preference model there against its SFT model there, and against that experiment's own
+    zero-shot model and best baseline (all scored the same examples)."""
+    rows = {}
+    for other, models in cross.items():
+        target = experiments.get(other, {}).get("models", {})
+        pool = {label: e for label, e in target.items()
+                if label == "zero-shot" or e["kind"] == "baseline"}
+        pool.update(models)
+        task = next(iter(models.values()))["task"]
+        found = _significance(pool, out, task, n_boot, seed)
+        if found:
+            rows[other] = found
+    return rows
+
+
 def _ablation(models: dict[str, dict], task: str) -> dict[str, dict[str, dict]]:
     """loss -> {K: primary metric} from labels ``<loss>-k<K>``."""
     out: dict[str, dict[str, dict]] = {}
@@ -165,20 +184,20 @@ def collect_results(out: Path, config: dict[str, Any], exps: list) -> dict[str, 
     for exp in exps:
         models: dict[str, dict] = {}
         for label in trained_models(config, exp, out):
-            entry = _model_entry(out / exp.name / "eval" / label, "llm", out)
+            entry = model_entry(out / exp.name / "eval" / label, "llm", out)
             if entry:
                 models[label] = entry
         base_dir = out / exp.name / "baselines"
         if base_dir.is_dir():
             for folder in sorted(p for p in base_dir.iterdir() if p.is_dir()):
-                entry = _model_entry(folder, "baseline", out)
+                entry = model_entry(folder, "baseline", out)
                 if entry:
                     models[folder.name] = entry
         task = next((e["task"] for e in models.values()), None)
         cross: dict[str, dict] = {}
         for other in exp.cross_eval:
             for label in trained_models(config, exp, out):
-                entry = _model_entry(out / exp.name / "cross" / other / label, "llm", out)
+                entry = model_entry(out / exp.name / "cross" / other / label, "llm", out)
                 if entry:
                     cross.setdefault(other, {})[label] = entry
         audit = _read_json(out / exp.name / "audit.json")
@@ -191,6 +210,9 @@ def collect_results(out: Path, config: dict[str, Any], exps: list) -> dict[str, 
             "ablation": _ablation(models, task) if task else {},
             "audit": audit,
         }
+    for res in results["experiments"].values():
+        res["cross_significance"] = cross_significance(res["cross"], results["experiments"],
+                                                       out, n_boot, seed)
     stages = stage_rows(out)
     results.update({
         "name": config["name"],
@@ -398,6 +420,9 @@ def _sections(out: Path, results: dict[str, Any]) -> list[tuple[str, str, Any]]:
             other_task = next(iter(models.values()))["task"]
             items.append(("table", f"Cross-domain: {exp.name} models on {other}'s eval set",
                           results_table(models, other_task)))
+            if other in res.get("cross_significance", {}):
+                items.append(("table", f"Significance on {other}'s eval set",
+                              _significance_table(res["cross_significance"][other])))
         audit_md = out / exp.name / "audit.md"
         if audit_md.is_file():
             items.append(("doc", "Data audit", audit_md.read_text(encoding="utf-8")))
