@@ -158,8 +158,12 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
     results = out / "default" / "results.json"
     data = json.loads(results.read_text())
     data["experiments"]["test"] = data["experiments"]["m"]
+    # ... and models the variant does not train (here a loss it does not use).
+    data["experiments"]["m"]["models"]["sdpo-k2"] = data["experiments"]["m"]["models"]["dmpo-k2"]
     results.write_text(json.dumps(data))
     assert {r["experiment"] for r in study_rows(study)} == {"m"}
+    assert {r["model"] for r in study_rows(study) if r["variant"] == "default"} == {
+        "zero-shot", "sft", "dmpo-k2"}
 
     with pytest.raises(PrefrecError, match="not variants of this study"):
         run_study(study, only=["nope"])

@@ -149,10 +149,10 @@ def _metric_cell(metrics: dict[str, Any], name: str) -> str:
 def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (variant, model) with a finished evaluation, in variant order.
 
-    Only the study's own experiments count: a later run of another config into a
-    variant's folder (e.g. the final test-set evaluation) adds experiments to its
-    results.json that are not part of the validation study."""
-    from prefrec.runner import experiments
+    Only the study's own experiments and language models count: a later run of another
+    config into a variant's folder (e.g. the final test-set evaluation with more losses)
+    adds experiments and models to its results.json that are not part of the variant."""
+    from prefrec.runner import experiments, trained_models
 
     rows = []
     out = Path(study["out"])
@@ -161,11 +161,14 @@ def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
         if not results.is_file():
             continue
         data = json.loads(results.read_text(encoding="utf-8"))
-        own = {e.name for e in experiments(variant_config(study, name))}
+        config = variant_config(study, name)
+        own = {e.name: set(trained_models(config, e, out / name)) for e in experiments(config)}
         for exp_name, exp in data["experiments"].items():
             if exp_name not in own:
                 continue
             for label, entry in exp["models"].items():
+                if entry.get("kind") == "llm" and label not in own[exp_name]:
+                    continue
                 rows.append({
                     "variant": name,
                     "overrides": overrides,
