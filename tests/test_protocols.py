@@ -391,3 +391,16 @@ def test_dmpo_normalize_titles_option(ml100k):
     assert any("(19" in t for ex in raw.eval for t in ex.history)
     assert not any("(19" in t for ex in norm.eval for t in (*ex.history, *ex.candidates))
     assert [ex.user for ex in norm.eval] == [ex.user for ex in raw.eval]  # same draws
+
+
+def test_dmpo_valid_and_eval_pairs_do_not_depend_on_the_training_sample_size():
+    """A study variant that draws more training pairs per user is scored on the same
+    validation and test pairs as the default."""
+    events = [e for u in "abcdefgh" for e in user_events(u, 8, 6)]
+    shared = {"n_sft_users": 2, "n_dpo_users": 2, "n_valid_users": 2, "n_eval_users": 2,
+              "max_negatives": 3, "min_negatives": 3, "eval_pairs_per_user": 3}
+    small = build_dmpo(make_log(events), DMPOConfig(**shared, pairs_per_user=1, groups_per_user=1))
+    big = build_dmpo(make_log(events), DMPOConfig(**shared, pairs_per_user=5, groups_per_user=4))
+    assert len(big.sft) == 5 * len(small.sft) and len(big.dpo[3]) == 4 * len(small.dpo[3])
+    assert small.valid == big.valid and len(small.valid) == 6
+    assert small.eval == big.eval and len(small.eval) == 6
