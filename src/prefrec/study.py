@@ -228,7 +228,7 @@ def study_plot(study: dict[str, Any], rows: list[dict[str, Any]], path: Path) ->
     finals = [r for r in final_models(rows) if r["metrics"].get(metric, {}).get("value") is not None]
     if not finals:
         return False
-    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(finals) + 1.6))
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(finals) + 2.0))
     ys = np.arange(len(finals))[::-1]
     vals = np.array([r["metrics"][metric]["value"] for r in finals])
     err = np.array([[v - r["metrics"][metric]["ci_low"] for v, r in zip(vals, finals, strict=True)],
@@ -246,7 +246,8 @@ def study_plot(study: dict[str, Any], rows: list[dict[str, Any]], path: Path) ->
         ax.axvline(0.5, color="#C44E52", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel(f"{metric} (95% CI)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    # Below the axes: inside, it would cover the whiskers of the last variants.
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     save_png(fig, path)
     return True
