@@ -18,6 +18,7 @@ from prefrec.study import (
     run_study,
     study_rows,
     variant_config,
+    write_study_tables,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -149,6 +150,14 @@ def test_variants_share_the_data_and_reuse_only_matching_stages(tmp_path, tiny_d
         ("beta", "dmpo-k2"), ("default", "dmpo-k2"), ("sft-lr", "dmpo-k2")]
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![study](study.png)" in text
+    # The final-model summary: each variant's training stages (not evaluations, not the
+    # near-instant ones a reused stage logs).
+    with open(out / "beta" / "stages.jsonl", "a") as fh:
+        for stage, seconds in (("m/sft", 2.0), ("m/dmpo-k2", 100.0), ("m/eval/dmpo-k2", 50.0)):
+            fh.write(json.dumps({"stage": stage, "seconds": seconds}) + "\n")
+    summary = write_study_tables(study).read_text().split("## Each variant's final model")[1]
+    beta_line = next(x for x in summary.splitlines() if x.startswith("| beta |"))
+    assert "| dmpo-k2 |" in beta_line and beta_line.endswith("| dmpo-k2 100 s |")
     valid_n = json.loads((out / "data" / "m_build_report.json").read_text())["examples"]["valid"]
     assert all(r["metrics"]["pairwise_accuracy"]["n"] == valid_n for r in rows)
     assert all("pairwise_accuracy_given_order" in r["metrics"] for r in rows)

@@ -214,6 +214,28 @@ def final_models(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(last.values())
 
 
+def final_models_markdown(study: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """One line per variant: its final model's metrics and the seconds its own training
+    stages took (stages it reused from the default take ~0 s and are left out)."""
+    from prefrec.runner import experiments, stage_rows, trained_models
+
+    metric = study["metric"]
+    columns = [metric, "pairwise_accuracy_given_order", "listed_first_preference"]
+    lines = ["| variant | overrides | final model | " + " | ".join(columns)
+             + " | training stages |", "|---" * (len(columns) + 4) + "|"]
+    for r in final_models(rows):
+        config = variant_config(study, r["variant"])
+        folder = Path(study["out"]) / r["variant"]
+        own = {f"{e.name}/{label}" for e in experiments(config)
+               for label in trained_models(config, e, folder) if label != "zero-shot"}
+        seconds = [f"{s['stage'].split('/', 1)[-1]} {s['seconds']:.0f} s"
+                   for s in stage_rows(folder) if s["stage"] in own and s["seconds"] >= 5]
+        cells = [_metric_cell(r["metrics"], c) for c in columns]
+        lines.append(f"| {r['variant']} | {' '.join(r['overrides']) or '(default)'} | "
+                     f"{r['model']} | " + " | ".join(cells) + f" | {', '.join(seconds) or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def study_plot(study: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> bool:
     """Every variant's final model: the study metric with its 95% CI, against the
     default's zero-shot and SFT values."""
@@ -260,6 +282,9 @@ def write_study_tables(study: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", {"study": study, "rows": rows})
     markdown = study_markdown(study, rows)
+    if final_models(rows):
+        markdown += ("\n## Each variant's final model\n\n"
+                     + final_models_markdown(study, rows))
     if study_plot(study, rows, out / "study.png"):
         markdown += "\nEach variant's final model: ![study](study.png)\n"
     atomic_write_text(out / "study.md", markdown)
