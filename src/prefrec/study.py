@@ -146,6 +146,11 @@ def _metric_cell(metrics: dict[str, Any], name: str) -> str:
     return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
+def table_columns(metric: str) -> list[str]:
+    """The metrics the study tables show: the study's metric, then the position-bias pair."""
+    return [metric, "pairwise_accuracy_given_order", "listed_first_preference"]
+
+
 def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (variant, model) with a finished evaluation, in variant order.
 
@@ -183,7 +188,7 @@ def study_rows(study: dict[str, Any]) -> list[dict[str, Any]]:
 
 def study_markdown(study: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     metric = study["metric"]
-    columns = [metric, "pairwise_accuracy_given_order", "listed_first_preference"]
+    columns = table_columns(metric)
     lines = [
         f"# Study: {Path(study['out']).name}",
         "",
@@ -220,7 +225,7 @@ def final_models_markdown(study: dict[str, Any], rows: list[dict[str, Any]]) -> 
     from prefrec.runner import experiments, stage_rows, trained_models
 
     metric = study["metric"]
-    columns = [metric, "pairwise_accuracy_given_order", "listed_first_preference"]
+    columns = table_columns(metric)
     lines = ["| variant | overrides | final model | " + " | ".join(columns)
              + " | training stages |", "|---" * (len(columns) + 4) + "|"]
     for r in final_models(rows):
