@@ -18,6 +18,7 @@ from prefrec.errors import PrefrecError
 from prefrec.model import (
     LoraSettings,
     attach_lora,
+    avoid_cudnn_attention,
     load,
     load_adapter,
     load_for_scoring,
@@ -109,6 +110,19 @@ def test_resolve_dtype_rules():
         with pytest.raises(PrefrecError, match="CUDA is not available"):
             resolve_device("cuda")
     assert resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_cuda_devices_turn_off_cudnn_attention():
+    # The flag is process-wide and settable without a GPU, so the rule is testable here.
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        avoid_cudnn_attention("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        avoid_cudnn_attention("cuda:0")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 def test_bad_names_give_one_line_errors(monkeypatch, tmp_path):

@@ -385,6 +385,19 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
+def avoid_cudnn_attention(device: str) -> None:
+    """On a CUDA device, turn off cuDNN's fused attention kernel for the process.
+
+    It fails at random on some padded training batches ("Expected mha_graph.execute(...)
+    .is_good()", pytorch#134001; seen here in LoRA SFT on an H100 with torch 2.11), which
+    kills a long run. SDPA then uses the flash / memory-efficient kernels instead.
+    """
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """``None``/``"auto"``: bfloat16 on CUDA, float32 elsewhere; else the named dtype."""
     import torch
@@ -466,6 +479,7 @@ def load(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    avoid_cudnn_attention(device)
     kind, location = _resolve_source(name_or_path, cache_dir)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if kind == "embedded":
