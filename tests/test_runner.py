@@ -98,7 +98,13 @@ def test_shipped_configs_load(shared_data, tmp_path):
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert {p.name for p in configs} >= {"quickstart.yaml", "ml100k-data-rich.yaml"}
     studies = [p for p in configs if "variants" in (yaml.safe_load(p.read_text()) or {})]
-    assert [p.name for p in studies] == ["quality-study.yaml"]
+    assert [p.name for p in studies] == ["quality-study-h100.yaml", "quality-study.yaml"]
+    from prefrec.study import load_study, variant_config
+
+    for path in studies:  # every variant's overrides must name real settings
+        study = load_study(path)
+        for name in study["variants"]:
+            assert variant_config(study, name)["name"] == name
     for path in set(configs) - set(studies):
         data_dir = shared_data
         config = load_config(path, [f"data_dir={data_dir}"])
