@@ -14,6 +14,7 @@ from prefrec.cli import main as cli_main
 from prefrec.errors import PrefrecError
 from prefrec.report import compare, cross_significance, model_entry
 from prefrec.runner import experiments, load_config, parse_override, run
+from prefrec.study import load_study, variant_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -99,8 +100,6 @@ def test_shipped_configs_load(shared_data, tmp_path):
     assert {p.name for p in configs} >= {"quickstart.yaml", "ml100k-data-rich.yaml"}
     studies = [p for p in configs if "variants" in (yaml.safe_load(p.read_text()) or {})]
     assert [p.name for p in studies] == ["quality-study-h100.yaml", "quality-study.yaml"]
-    from prefrec.study import load_study, variant_config
-
     for path in studies:  # every variant's overrides must name real settings
         study = load_study(path)
         for name in study["variants"]:
