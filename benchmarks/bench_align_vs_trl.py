@@ -151,7 +151,7 @@ class OursSide:
             )
 
     def batch(self, step: int) -> dict[str, Any]:
-        groups = [{"group": self.make_group(i, 0)} for i in batch_indices(step, self.per_step, self.n)]
+        groups = [{"groups": [self.make_group(i, 0)]} for i in batch_indices(step, self.per_step, self.n)]
         return self.collate(groups, self.ref)
 
     def step(self, loss: str, step: int) -> float:

@@ -186,6 +186,15 @@ def sft_loss(chosen_logps: Tensor, chosen_n_tokens: Tensor) -> Tensor:
     return -(chosen_logps / n_tokens)
 
 
+def sft_token_mean_loss(logps: Tensor, n_tokens: Tensor) -> Tensor:
+    """SFT on a batch of completions: the negative log-likelihood per completion token,
+    pooled over the batch (what transformers' causal-LM loss computes from ``labels``).
+
+        L = -(sum_i log pi_theta(y_i|x_i)) / (sum_i |y_i|)
+    """
+    return -logps.sum() / n_tokens.sum().to(logps.dtype).clamp(min=1)
+
+
 PreferenceLoss = Callable[..., PreferenceLossOutput]
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {

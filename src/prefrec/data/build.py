@@ -65,6 +65,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                    help="normalise titles (no year, no trailing article)")
     d.add_argument("--max-history", type=int, default=0,
                    help="keep the latest N liked items in a history; 0 = all (default: 0)")
+    d.add_argument("--train-history", type=int, default=0,
+                   help="training users: one fixed history, their first N liked items, with "
+                        "targets drawn after it (for --pack-by-user training); 0 = off (default: 0)")
     d.add_argument("--domain", default="movie", choices=sorted(DOMAINS),
                    help="prompt wording (default: movie)")
 
@@ -138,6 +141,7 @@ def build_files(args: argparse.Namespace) -> tuple[list[Path], dict]:
             groups_per_user=args.groups_per_user,
             eval_pairs_per_user=args.eval_pairs_per_user,
             max_history=args.max_history or None,
+            train_history=args.train_history or None,
             normalize_titles=args.normalize_titles,
             scale_down=args.scale_down,
             domain=args.domain,

@@ -34,6 +34,13 @@ history, against each usable negative; ``pairs_per_user`` of these (position, ne
 combinations are drawn per user, or all of them. ``n_valid_users`` adds a held-out
 validation split (one pair per user, like eval).
 
+Fixed-history option: ``train_history`` = H gives every *training* (SFT and DPO) user one
+history, their first H liked items (fewer when a user has at most H: all but the last),
+and draws the targets of their pairs and groups from the liked items after it. Every
+prompt of a training user then shares the history, so user-packed training
+(``pack_by_user`` in :mod:`prefrec.train.config`) runs it once for all of them. Valid and
+eval users keep the protocol above.
+
 S-DPO protocol (:class:`SDPOConfig`, :func:`build_sdpo`), candidate selection:
 
 - events in time order (ties by item id); the target is the user's last event and the
@@ -181,6 +188,8 @@ class DMPOConfig:
             the same unseen users).
         max_history: keep only the latest this many liked items in a prompt's history;
             ``None`` keeps all (the released files' users have at most 40 events).
+        train_history: training users' fixed history length (see the module docstring);
+            ``None`` keeps the per-target histories of valid and eval users.
         normalize_titles: pass every title through
             :func:`prefrec.data.titles.normalize_title` (no year, no trailing article).
         scale_down: shrink every split by one factor when too few users qualify, instead
@@ -203,6 +212,7 @@ class DMPOConfig:
     groups_per_user: int = 1
     eval_pairs_per_user: int = 1
     max_history: int | None = None
+    train_history: int | None = None
     normalize_titles: bool = False
     scale_down: bool = False
     domain: str = "movie"
@@ -231,6 +241,8 @@ class DMPOConfig:
             raise ValueError("groups_per_user and eval_pairs_per_user must be >= 1")
         if self.max_history is not None and self.max_history < 1:
             raise ValueError("max_history must be >= 1 (or None for the whole history)")
+        if self.train_history is not None and self.train_history < 1:
+            raise ValueError("train_history must be >= 1 (or None for per-target histories)")
         if self.domain not in prompts.DOMAINS:
             raise ValueError(
                 f"unknown domain {self.domain!r}; choose from {', '.join(prompts.DOMAINS)}"
@@ -338,6 +350,19 @@ def _history(u: _DMPOUser, i: int, max_history: int | None) -> tuple[str, ...]:
     return u.positives[start:i]
 
 
+def _targets(u: _DMPOUser, config: DMPOConfig, split: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(target position, its history) for every liked item a user's pairs may target.
+
+    Training users under ``train_history`` share one history, their first H liked items,
+    and target the items after it; everyone else targets ``positives[i]`` (i >= 1) with
+    the items before it (:func:`_history`).
+    """
+    if config.train_history is not None and split in ("sft", "dpo"):
+        h = min(config.train_history, len(u.positives) - 1)
+        return [(i, u.positives[:h]) for i in range(h, len(u.positives))]
+    return [(i, _history(u, i, config.max_history)) for i in range(1, len(u.positives))]
+
+
 def _data_rich_pairs(
     log: Interactions,
     u: _DMPOUser,
@@ -347,24 +372,19 @@ def _data_rich_pairs(
     rng: random.Random,
     split: str,
 ) -> list[PairwiseExample]:
-    """Every (target position, negative) combination of a user, or a sample of ``n``.
-
-    Target ``positives[i]`` (i >= 1) gets history ``positives[:i]`` (see :func:`_history`).
-    """
+    """Every (target position, negative) combination of a user, or a sample of ``n``
+    (targets and histories from :func:`_targets`)."""
     combos = [
-        (i, negative)
-        for i in range(1, len(u.positives))
+        (i, history, negative)
+        for i, history in _targets(u, config, split)
         for negative in _usable_negatives(log, u, u.positives[i])
     ]
     if n != ALL_PAIRS and n < len(combos):
         picked = sorted(rng.sample(range(len(combos)), n))
         combos = [combos[j] for j in picked]
     return [
-        _pairwise(
-            log, u.user, _history(u, i, config.max_history), u.positives[i], neg,
-            rng.random() < 0.5, domain, split,
-        )
-        for i, neg in combos
+        _pairwise(log, u.user, history, u.positives[i], neg, rng.random() < 0.5, domain, split)
+        for i, history, neg in combos
     ]
 
 
@@ -375,14 +395,13 @@ def _data_rich_groups(
     """``groups_per_user`` preference groups of a user: each a sampled target position
     with ``max_negatives`` sampled negatives (one pairwise row per negative)."""
     targets = [
-        i for i in range(1, len(u.positives))
+        (i, history) for i, history in _targets(u, config, "dpo")
         if len(_usable_negatives(log, u, u.positives[i])) >= config.max_negatives
     ]
-    picked = sorted(rng.sample(targets, min(config.groups_per_user, len(targets))))
+    picked = sorted(rng.sample(range(len(targets)), min(config.groups_per_user, len(targets))))
     groups = []
-    for i in picked:
+    for i, history in (targets[j] for j in picked):
         negatives = rng.sample(_usable_negatives(log, u, u.positives[i]), config.max_negatives)
-        history = _history(u, i, config.max_history)
         groups.append([
             _pairwise(log, u.user, history, u.positives[i], neg, rng.random() < 0.5, domain, "dpo")
             for neg in negatives
@@ -450,15 +469,18 @@ def build_dmpo(log: Interactions, config: DMPOConfig | None = None) -> DMPOData:
             for neg in negatives
         ]
 
+    # Fixed training histories: even one pair or group per user comes from _targets.
+    fixed = config.train_history is not None
+
     def pairs(users: list[_DMPOUser], n: int | Literal["all"], split: str) -> list[PairwiseExample]:
-        if n == 1:
+        if n == 1 and not (fixed and split == "sft"):
             return [_with_split(drawn[u.user][0], split) for u in users]
         return [
             ex for u in users for ex in _data_rich_pairs(log, u, n, config, domain, rngs[u.user], split)
         ]
 
     sft = pairs(splits["sft"], config.pairs_per_user, "sft")
-    if config.groups_per_user == 1:
+    if config.groups_per_user == 1 and not fixed:
         groups = [drawn[u.user] for u in splits["dpo"]]
     else:
         groups = [

@@ -178,15 +178,17 @@ def pair_to_group(example: PairwiseExample) -> PreferenceGroup:
 def group_pairs_by_user(examples: Iterable[PairwiseExample]) -> list[PreferenceGroup]:
     """Regroup DMPO ``dpo_ranking_k`` rows into one K-negative group per user.
 
-    Rows with the same ``user`` (readers key users by history) form one group, in file
-    order. The chosen completion is scored under the first row's prompt; each row's
-    rejected completion under its own prompt, as in the DMPO objective.
+    Rows with the same ``user`` (readers key users by history) and the same positive
+    title form one group, in file order: the released files have one target per history,
+    fixed-history data (``train_history``) several. The chosen completion is scored under
+    the first row's prompt; each row's rejected completion under its own prompt, as in
+    the DMPO objective.
     """
-    by_user: dict[str, list[PairwiseExample]] = {}
+    by_target: dict[tuple[str, str], list[PairwiseExample]] = {}
     for ex in examples:
-        by_user.setdefault(ex.user, []).append(ex)
+        by_target.setdefault((ex.user, ex.positive_title), []).append(ex)
     groups = []
-    for user, rows in by_user.items():
+    for (user, _), rows in by_target.items():
         first = rows[0]
         groups.append(
             PreferenceGroup(

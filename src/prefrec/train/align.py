@@ -54,23 +54,29 @@ Key = tuple[str, str]  # (instruction, completion)
 
 
 class GroupDataset(torch.utils.data.Dataset):
-    """Preference groups, rebuilt per epoch by ``make_group(index, epoch)``.
+    """Training units of preference groups, rebuilt per epoch by ``make_group(index, epoch)``.
 
-    Selection data resamples its K negatives each epoch from a generator seeded by
-    (seed, epoch, index), so a resumed run sees exactly the groups an uninterrupted
-    run would.
+    A unit is one group, or with ``units`` (``pack_by_user``) the groups of one user that
+    are scored in one packed row. Selection data resamples its K negatives each epoch
+    from a generator seeded by (seed, epoch, index), so a resumed run sees exactly the
+    groups an uninterrupted run would.
     """
 
-    def __init__(self, n: int, make_group: Callable[[int, int], PreferenceGroup]) -> None:
-        self.n = n
+    def __init__(
+        self,
+        n: int,
+        make_group: Callable[[int, int], PreferenceGroup],
+        units: list[list[int]] | None = None,
+    ) -> None:
+        self.units = units if units is not None else [[i] for i in range(n)]
         self.make_group = make_group
         self.epoch = 0
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.units)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"group": self.make_group(index, self.epoch)}
+        return {"groups": [self.make_group(i, self.epoch) for i in self.units[index]]}
 
 
 class EpochCallback(TrainerCallback):
@@ -246,8 +252,12 @@ def _history_key(instruction: str) -> str:
 def collate_groups(
     batch: list[dict[str, Any]], ref: dict[Key, tuple[float, int]]
 ) -> dict[str, Any]:
-    """Groups plus their cached reference log-probs, padded to the batch's largest K."""
-    groups: list[PreferenceGroup] = [b["group"] for b in batch]
+    """Groups plus their cached reference log-probs, padded to the batch's largest K.
+
+    ``rows`` names each group's training unit: the groups of one unit share a packed row.
+    """
+    groups: list[PreferenceGroup] = [g for b in batch for g in b["groups"]]
+    rows = [row for row, b in enumerate(batch) for _ in b["groups"]]
     k = max(g.k for g in groups)
     ref_chosen = torch.tensor([ref[(g.prompt, g.chosen)][0] for g in groups])
     ref_rejected = torch.zeros(len(groups), k)
@@ -256,8 +266,8 @@ def collate_groups(
         for j, (p, c) in enumerate(zip(g.rejected_prompts, g.rejected, strict=True)):
             ref_rejected[i, j] = ref[(p, c)][0]
             mask[i, j] = True
-    return {"groups": groups, "ref_chosen": ref_chosen, "ref_rejected": ref_rejected,
-            "mask": mask}
+    return {"groups": groups, "rows": rows, "ref_chosen": ref_chosen,
+            "ref_rejected": ref_rejected, "mask": mask}
 
 
 class AlignTrainer(Trainer):
@@ -278,18 +288,18 @@ class AlignTrainer(Trainer):
         groups: list[PreferenceGroup] = inputs["groups"]
         tok = self.processing_class
         prompts, completions, gids = [], [], []
-        for gi, g in enumerate(groups):
+        for g, row in zip(groups, inputs["rows"], strict=True):
             for item in g.completions():
                 prompts.append(model_input(item.prompt, self.template, tok))
                 completions.append(item.completion)
-                gids.append(gi)
+                gids.append(row)
         # Through the wrapper's forward: under DDP that is what all-reduces the gradients.
         # The scorer bypasses model.forward, so --bf16's autocast is entered here.
         with self.accelerator.autocast():
             scores = forward_through(
                 model,
                 lambda inner: score_completions(
-                    inner, tok, prompts, completions, group_ids=gids, batch_size=len(groups),
+                    inner, tok, prompts, completions, group_ids=gids, batch_size=gids[-1] + 1,
                     grad=True, max_length=self.align.max_length,  # as the reference was scored
                 ),
             )
@@ -425,7 +435,14 @@ def train_align(
                      target_modules=cfg.target_modules),
     )
     policy.train()
-    dataset = GroupDataset(n, make_group)
+    units = None
+    if cfg.pack_by_user:
+        from prefrec.train.common import pack_units
+
+        units = pack_units([make_group(i, 0).user for i in range(n)], cfg.pack_size)
+        log.info("align: %d groups packed into %d rows (users, at most %d groups each)",
+                 n, len(units), cfg.pack_size)
+    dataset = GroupDataset(n, make_group, units)
     save_config(cfg, out, {"stage": "align", "model": chain.base_model, "template": template,
                            "parents": [str(a) for a in chain.adapters],
                            "data_path": str(data_path), "n_groups": n,

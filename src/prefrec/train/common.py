@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArgum
         ddp_find_unused_parameters=False,
         **extra,
     )
+
+
+def pack_units(keys: Sequence[Hashable], size: int) -> list[list[int]]:
+    """Indices of equal ``keys`` (users) in order of first appearance, in chunks of at
+    most ``size``: the training units of ``pack_by_user`` (one packed row each).
+
+    The chunk cap bounds a row's length, and so the attention's L^2 memory.
+    """
+    if size < 1:
+        raise ValueError(f"pack size must be >= 1, got {size}")
+    by_key: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_key.setdefault(key, []).append(i)
+    return [idx[s : s + size] for idx in by_key.values() for s in range(0, len(idx), size)]
 
 
 def checkpoint_state_is_complete(path: Path) -> bool:

@@ -46,6 +46,13 @@ class TrainConfig:
     report_to: str = _f("none", "none | tensorboard")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")
     bf16: bool | None = _f(None, "bf16 mixed precision (default: on with CUDA)")
+    pack_by_user: bool = _f(
+        False, "pairwise data: pack a user's examples that share a history (data built with "
+        "--train-history) into one row under a block attention mask, so the history runs once "
+        "per row; losses are unchanged, --batch-size then counts packed rows"
+    )
+    pack_size: int = _f(16, "with --pack-by-user: most examples (SFT pairs or preference "
+                        "groups) in one packed row")
     both_orders: bool = _f(
         False, "pairwise data: also train on every example with its two candidates listed "
         "the other way round (against position bias; twice the data)"
@@ -118,6 +125,8 @@ def add_align_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Build ``cls`` from parsed flags (fields absent from ``args`` keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if values.get("pack_size") is not None and values["pack_size"] < 1:
+        raise PrefrecError(f"--pack-size {values['pack_size']}: expected at least 1")
     if values.get("limit") is not None and values["limit"] < 1:
         # 0 would otherwise read as "no limit" and silently train on everything.
         raise PrefrecError(f"--limit {values['limit']}: expected at least 1")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 
 from prefrec.data.prompts import model_input
 from prefrec.data.schema import PairwiseExample, SelectionExample
@@ -73,6 +74,64 @@ def collate_sft(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def user_packed_units(
+    examples: Sequence[PairwiseExample | SelectionExample],
+    pairs: Sequence[tuple[str, str]],
+    pack_size: int,
+) -> list[dict[str, list[tuple[str, str]]]]:
+    """The SFT pairs of each user in chunks of at most ``pack_size``: one packed row each."""
+    from prefrec.train.common import pack_units
+
+    return [
+        {"pairs": [pairs[i] for i in unit]}
+        for unit in pack_units([ex.user for ex in examples], pack_size)
+    ]
+
+
+def collate_packed_sft(batch: list[dict[str, list[tuple[str, str]]]]) -> dict[str, list]:
+    """Packed units as the scorer's inputs: instructions, completions and the row of each."""
+    pairs = [(p, c, row) for row, unit in enumerate(batch) for p, c in unit["pairs"]]
+    return {
+        "instructions": [p for p, _, _ in pairs],
+        "completions": [c for _, c, _ in pairs],
+        "rows": [row for _, _, row in pairs],
+    }
+
+
+class PackedSFTTrainer(Trainer):
+    """``Trainer`` whose SFT loss scores a user's completions in one packed row.
+
+    The row is [history | suffix_1 | ... | suffix_m] under the scorer's block attention
+    mask, so the loss equals the unpacked token-mean NLL on the same examples
+    (:func:`prefrec.losses.sft_token_mean_loss`); only the history's compute is shared.
+    """
+
+    def __init__(self, *args, template: str, max_length: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.template = template
+        self.max_length = max_length
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from prefrec.losses import sft_token_mean_loss
+        from prefrec.scoring import score_completions
+        from prefrec.train.distributed import forward_through
+
+        tok = self.processing_class
+        prompts = [model_input(p, self.template, tok) for p in inputs["instructions"]]
+        rows = inputs["rows"]
+        # Through the wrapper's forward (DDP's gradient all-reduce), inside --bf16's autocast.
+        with self.accelerator.autocast():
+            scores = forward_through(
+                model,
+                lambda inner: score_completions(
+                    inner, tok, prompts, inputs["completions"], group_ids=rows,
+                    batch_size=rows[-1] + 1, grad=True, max_length=self.max_length,
+                ),
+            )
+        loss = sft_token_mean_loss(scores.logps, scores.n_tokens)
+        return (loss, scores) if return_outputs else loss
+
+
 def train_sft(
     cfg: SFTConfig,
     model_name: str,
@@ -82,7 +141,7 @@ def train_sft(
     data_dir: str | None = None,
 ) -> Path:
     """Run the SFT stage; returns the final adapter folder. Resumes from checkpoints."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     from prefrec.adapters import write_adapter_meta
     from prefrec.data.formats import load_examples
@@ -131,20 +190,28 @@ def train_sft(
         ),
     )
     model.train()
-    feats = sft_features(tokenizer, sft_pairs(examples), template, cfg.max_length)
+    pairs = sft_pairs(examples)
     save_config(cfg, out, {"stage": "sft", "model": model_name, "template": template,
-                           "data_path": str(data_path), "n_examples": len(feats)})
+                           "data_path": str(data_path), "n_examples": len(pairs)})
     use_cuda = next(model.parameters()).is_cuda
     args = training_arguments(cfg, out, use_cuda)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=feats,
-        data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
-        callbacks=[JsonlLogCallback(out / "log.jsonl")],
-    )
+    common = {"model": model, "args": args, "callbacks": [JsonlLogCallback(out / "log.jsonl")]}
+    if cfg.pack_by_user:
+        units = user_packed_units(examples, pairs, cfg.pack_size)
+        log.info("SFT: %d pairs packed into %d rows (users, at most %d pairs each)",
+                 len(pairs), len(units), cfg.pack_size)
+        trainer = PackedSFTTrainer(
+            **common, train_dataset=units, data_collator=collate_packed_sft,
+            processing_class=tokenizer, template=template, max_length=cfg.max_length,
+        )
+    else:
+        feats = sft_features(tokenizer, pairs, template, cfg.max_length)
+        trainer = Trainer(
+            **common, train_dataset=feats,
+            data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
+        )
     return train_and_save(
         trainer,
         out,
