@@ -175,3 +175,54 @@ def test_both_orders_is_refused_for_selection_data(shared_data, tmp_path):
     with pytest.raises(PrefrecError, match="pairwise data only"):
         ev.run_eval(str(shared_data / "sdpo-lastfm" / "lastfm-val.json"), tmp_path,
                     orders="both", limit=2)
+
+
+# --------------------------------------------------------------------------- position bias
+
+
+def test_position_bias_warning_flags_only_values_outside_the_bounds():
+    def metrics(value):
+        return {"listed_first_preference": {"value": value}}
+
+    copier = ev.position_bias_warning(metrics(1.0))
+    assert "1.000" in copier and "listed-first title" in copier
+    assert "listed-second title" in ev.position_bias_warning(metrics(0.2))
+    for fine in (0.35, 0.5, 0.65):
+        assert ev.position_bias_warning(metrics(fine)) is None
+    assert ev.position_bias_warning({}) is None  # selection data has no such metric
+    assert ev.position_bias_warning(metrics(None)) is None
+
+
+@pytest.mark.parametrize("bounds, warned", [((2.0, 3.0), True), ((0.0, 1.0), False)])
+def test_eval_writes_the_position_bias_warning_to_log_json_and_markdown(
+    tiny_llama, ml1m_eval, tmp_path, monkeypatch, caplog, bounds, warned
+):
+    # Bounds that every (or no) value breaks make the outcome independent of the random model.
+    monkeypatch.setattr(ev, "POSITION_BIAS_BOUNDS", bounds)
+    model, tok = tiny_llama
+    with caplog.at_level("WARNING", logger="prefrec.evaluate"):
+        result = ev.evaluate(model, tok, ml1m_eval, tmp_path, _settings("pairwise", 1000, 4),
+                             batch_size=4, n_boot=20)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["warnings"] == result["warnings"]
+    assert bool(saved["warnings"]) is warned
+    assert ("WARNING: degenerate ranking" in (tmp_path / "metrics.md").read_text()) is warned
+    assert any("degenerate ranking" in r.getMessage() for r in caplog.records) is warned
+
+
+def test_report_tables_mark_degenerate_models():
+    from prefrec.report import degenerate_models, results_table
+
+    def entry(listed_first):
+        metric = {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7, "n": 60}
+        bias = {"value": listed_first, "ci_low": listed_first, "ci_high": listed_first, "n": 60}
+        return {"kind": "llm", "wall_time_s": 1.0,
+                "metrics": {"pairwise_accuracy": metric, "listed_first_preference": bias}}
+
+    models = {"sft": entry(1.0), "dmpo-k3": entry(0.52)}
+    header, rows = results_table(models, "pairwise")
+    column = header.index("listed-1st pref.")
+    assert rows[0][column].endswith("⚠ degenerate") and "1.000" in rows[0][column]
+    assert "⚠" not in rows[1][column]
+    [line] = degenerate_models(models)
+    assert line.startswith("sft: degenerate ranking")

@@ -305,6 +305,25 @@ def pairwise_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> 
     return metrics
 
 
+# Listed-first preference outside these bounds: the model mostly copies (or reverses) the
+# prompt's order, so its accuracy says little about what it learned of the user.
+POSITION_BIAS_BOUNDS = (0.35, 0.65)
+
+
+def position_bias_warning(metrics: dict[str, Any]) -> str | None:
+    """A one-line warning when a pairwise model's listed-first preference lies outside
+    :data:`POSITION_BIAS_BOUNDS` (``metrics``: metric name -> ``{"value": ...}`` as in
+    ``metrics.json``, or :class:`~prefrec.metrics.MetricResult` objects); else None."""
+    found = metrics.get("listed_first_preference")
+    value = found.get("value") if isinstance(found, dict) else getattr(found, "value", None)
+    low, high = POSITION_BIAS_BOUNDS
+    if value is None or low <= value <= high:
+        return None
+    side = "listed-first" if value > high else "listed-second"
+    return (f"degenerate ranking: listed-first preference {value:.3f} is outside "
+            f"[{low}, {high}]; the model mostly ranks the {side} title first, whatever it is")
+
+
 def selection_metrics(rows: Sequence[dict[str, Any]], n_boot: int, seed: int) -> dict[str, Any]:
     """Likelihood ranking over all candidates: HR@k, NDCG@k, MRR (summed log-prob score)."""
     from prefrec.metrics import compute_all
@@ -405,10 +424,15 @@ def evaluate(
     elapsed = before + time.perf_counter() - started
     atomic_write_json(time_path, {"wall_time_s": elapsed})
     notes.append(f"wall time: {elapsed:.1f} s for {len(indices)} examples")
+    warning = position_bias_warning(metrics)
+    if warning:
+        log.warning("%s: %s", out, warning)
+        notes.insert(0, f"**WARNING: {warning}**")
     result = {
         "settings": asdict(settings),
         "wall_time_s": elapsed,
         "metrics": {k: v.to_dict() for k, v in metrics.items()},
+        "warnings": [warning] if warning else [],
     }
     atomic_write_json(out / "metrics.json", result)
     atomic_write_text(out / "metrics.md", metrics_markdown(f"Evaluation of {settings.model}",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from prefrec.evaluate import position_bias_warning
 from prefrec.io import atomic_open, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 HEADLINE = {
     "pairwise": ["pairwise_accuracy", "dmpo_auc", "candidate_roc_auc",
                  "pairwise_accuracy_positive_listed_first",
-                 "pairwise_accuracy_positive_listed_second"],
+                 "pairwise_accuracy_positive_listed_second", "listed_first_preference"],
     "selection": ["hr@1", "hr@5", "ndcg@10", "mrr", "valid_ratio", "gen_hr@1"],
 }
 PRIMARY = {"pairwise": "pairwise_accuracy", "selection": "hr@1"}
@@ -42,6 +43,7 @@ SHORT = {
     "candidate_roc_auc": "ROC-AUC",
     "pairwise_accuracy_positive_listed_first": "acc (pos. 1st)",
     "pairwise_accuracy_positive_listed_second": "acc (pos. 2nd)",
+    "listed_first_preference": "listed-1st pref.",
     "gen_hr@1": "gen HR@1",
     "valid_ratio": "ValidRatio",
 }
@@ -66,6 +68,8 @@ def model_entry(folder: Path, kind: str, out: Path) -> dict[str, Any] | None:
         "task": result["settings"]["task"],
         "wall_time_s": result["wall_time_s"],
         "metrics": result["metrics"],
+        # From the metrics, so evaluations written before the check carry it too.
+        "warnings": [w] if (w := position_bias_warning(result["metrics"])) else [],
     }
 
 
@@ -365,9 +369,21 @@ def results_table(models: dict[str, dict], task: str) -> tuple[list[str], list[l
     rows = []
     for label, e in models.items():
         n = (e["metrics"].get(PRIMARY[task]) or {}).get("n", "")
-        rows.append([label, e["kind"], *[_cell(e["metrics"].get(name)) for name in names],
-                     str(n), f"{e['wall_time_s']:.0f} s"])
+        cells = [_cell(e["metrics"].get(name)) for name in names]
+        if "listed_first_preference" in names and position_bias_warning(e["metrics"]):
+            cells[names.index("listed_first_preference")] += " ⚠ degenerate"
+        rows.append([label, e["kind"], *cells, str(n), f"{e['wall_time_s']:.0f} s"])
     return header, rows
+
+
+def degenerate_models(models: dict[str, dict]) -> list[str]:
+    """'label: warning' for every model whose listed-first preference is out of bounds."""
+    found = []
+    for label, e in models.items():
+        warning = position_bias_warning(e["metrics"])
+        if warning:
+            found.append(f"{label}: {warning}")
+    return found
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -403,6 +419,9 @@ def _sections(out: Path, results: dict[str, Any]) -> list[tuple[str, str, Any]]:
             items.append(("p", "", "No finished evaluation yet."))
             continue
         items.append(("table", "Results (95% bootstrap CI)", results_table(res["models"], task)))
+        for line in degenerate_models(res["models"]):
+            items.append(("p", "", f"**Warning** ({line}). Its accuracy mostly reflects where "
+                          "the prompt lists the liked title; score with `eval.orders: both`."))
         bars = fig_dir / f"{exp.name}_bars.png"
         if bar_chart(res["models"], task, bars, f"{exp.name}: {PRIMARY[task]}"):
             items.append(("img", f"{PRIMARY[task]} by model", bars))
@@ -420,6 +439,8 @@ def _sections(out: Path, results: dict[str, Any]) -> list[tuple[str, str, Any]]:
             other_task = next(iter(models.values()))["task"]
             items.append(("table", f"Cross-domain: {exp.name} models on {other}'s eval set",
                           results_table(models, other_task)))
+            for line in degenerate_models(models):
+                items.append(("p", "", f"**Warning** ({line})."))
             if other in res.get("cross_significance", {}):
                 items.append(("table", f"Significance on {other}'s eval set",
                               _significance_table(res["cross_significance"][other])))

@@ -140,10 +140,15 @@ def _point_settings_at(folder: Path, old_root: str, new_root: str) -> None:
 
 
 def _metric_cell(metrics: dict[str, Any], name: str) -> str:
+    from prefrec.evaluate import position_bias_warning
+
     m = metrics.get(name)
     if not m or m.get("value") is None:
         return "–"
-    return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+    cell = f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+    if name == "listed_first_preference" and position_bias_warning(metrics):
+        cell += " ⚠ degenerate"
+    return cell
 
 
 def table_columns(metric: str) -> list[str]:
