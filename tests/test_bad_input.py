@@ -321,7 +321,7 @@ def test_unrecognised_fields_and_empty_list_cannot_be_detected(tmp_path):
     path = write(tmp_path, [{"question": "?", "answer": "!"}])
     with pytest.raises(DataError, match=r"record 0: unrecognised fields \['answer', 'question'\]"):
         detect_format(path)
-    with pytest.raises(DataError, match="no records, so the format cannot be told"):
+    with pytest.raises(DataError, match="no records: a dataset needs at least one"):
         detect_format(write(tmp_path, [], "empty.json"))
 
 

@@ -25,6 +25,7 @@ from prefrec.data.prompts import (
 from prefrec.data.schema import PairwiseExample, group_pairs_by_user
 from prefrec.data.sdpo import read_sdpo, write_sdpo
 from prefrec.data.titles import history_user_key
+from prefrec.errors import DataError
 
 DATASETS = {"data_ml_1m": "movie", "Amazon_Movie": "amazon_movie", "Amazon_Game": "amazon_game"}
 SPLITS = ["sft_ranking", "eval_ranking"] + [f"dpo_ranking_{k}" for k in range(1, 6)]
@@ -204,7 +205,8 @@ def test_detect_and_load_every_format(shared_data, tmp_path, lastfm):
     # TRL rows keep prompt and both completions, so the pairwise examples come back equal
     assert back == pairs
     (tmp_path / "empty.json").write_text("[]")
-    assert load_examples(tmp_path / "empty.json") == []
+    with pytest.raises(DataError, match="no records: a dataset needs at least one"):
+        load_examples(tmp_path / "empty.json")
 
 
 def test_trl_export_row_counts(shared_data, tmp_path, lastfm):

@@ -226,7 +226,7 @@ def test_amazon_reviews_gzip_without_metadata(tmp_path):
 def test_amazon_errors(tmp_path):
     path = tmp_path / "r.json"
     write(path, review("A1", "B01", 5, 1) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"r.json: record 2: not valid JSON"):
+    with pytest.raises(DataError, match=r"r.json: record 2: invalid JSON at column 2"):
         read_amazon(path)
     write(path, json.dumps({"reviewerID": "A1", "asin": "B", "unixReviewTime": 1}) + "\n")
     with pytest.raises(DataError, match=r"record 1: field 'overall': missing field"):

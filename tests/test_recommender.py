@@ -238,16 +238,16 @@ def test_rank_command_reads_jsonl_and_prints_tables(tiny_dir, recommender, tmp_p
     ("line", "message"),
     [
         ('{"history": ["A"], "candidates": ["B", "B"]}',
-         "record 3: field 'candidates': duplicate candidate 'B'"),
-        ('{"history": ["A"]}', "record 3: field 'candidates': missing field"),
+         "record 2: field 'candidates': duplicate candidate 'B'"),
+        ('{"history": ["A"]}', "record 2: field 'candidates': missing field"),
         ('{"history": ["A"], "candidates": ["B"], "task": "rank"}',
-         "record 3: field 'task': unknown task 'rank'"),
-        ('{"history": ["A"], "candidates": ["B"], "user": 1}', "record 3: field 'user': unknown"),
-        ('{"history": ["A"], ', "record 3: invalid JSON at column"),
-        ('["A", "B"]', "record 3: expected a JSON object"),
+         "record 2: field 'task': unknown task 'rank'"),
+        ('{"history": ["A"], "candidates": ["B"], "user": 1}', "record 2: field 'user': unknown"),
+        ('{"history": ["A"], ', "record 2: invalid JSON at column"),
+        ('["A", "B"]', "record 2: expected a JSON object"),
     ],
 )
-def test_a_bad_jsonl_line_names_file_line_and_field(tmp_path, line, message):
+def test_a_bad_jsonl_line_names_file_record_and_field(tmp_path, line, message):
     path = tmp_path / "requests.jsonl"
     good = json.dumps({"history": ["A"], "candidates": ["B", "C"]})
     path.write_text(f"{good}\n{good}\n{line}\n")

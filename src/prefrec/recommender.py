@@ -444,25 +444,15 @@ def command_line_request(args: argparse.Namespace, limits: Limits) -> RankReques
 
 
 def read_requests(path: str | Path, limits: Limits) -> list[RankRequest]:
-    """Requests from a JSON Lines file; a bad line raises DataError(path, line, field, ...).
+    """Requests from a JSON Lines file; a bad one raises DataError(path, record, field, ...).
 
-    Blank lines are skipped; line numbers count from 1.
+    Read by :func:`prefrec.data.reading.read_json_lines`: blank lines are skipped and
+    records count from 0, as in every other data file; a file with none is an error.
     """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    except UnicodeDecodeError as err:
-        raise DataError(path, None, None, f"not valid UTF-8 ({err.reason})") from None
+    from prefrec.data.reading import read_json_lines
+
     requests = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, None, f"invalid JSON at column {err.colno}: {err.msg}") from None
+    for number, record in enumerate(read_json_lines(path)):
         if not isinstance(record, dict):
             raise DataError(path, number, None, "expected a JSON object")
         for name in ("history", "candidates"):
@@ -477,8 +467,6 @@ def read_requests(path: str | Path, limits: Limits) -> list[RankRequest]:
                                              record.get("domain"), limits))
         except DataError as err:
             raise DataError(path, number, err.field, err.message) from None
-    if not requests:
-        raise DataError(path, None, None, "no requests")
     return requests
 
 

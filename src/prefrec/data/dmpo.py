@@ -14,7 +14,7 @@ reproduces each of them byte for byte. Every malformed record raises a
 :class:`~prefrec.errors.DataError` naming the file, the record index and the field;
 nothing is dropped silently.
 
-:func:`read_json_array` is the JSON-file primitive shared with the S-DPO reader.
+:func:`prefrec.data.reading.read_json_array` decodes the file (the one reading path).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from prefrec.data.prompts import pairwise_completion, title_tag
+from prefrec.data.reading import json_type, read_json_array
 from prefrec.data.schema import PairwiseExample
 from prefrec.data.titles import (
     history_user_key,
@@ -43,84 +44,6 @@ OUTPUT_FORMATS = ("str", "list")
 _STANDARD_FIELDS = ("instruction", "input", "output")
 
 ErrorAt = Callable[[str | None, str], DataError]
-
-
-def json_type(value: Any) -> str:
-    """The JSON name of a decoded value's type, for error messages."""
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return "a number"
-    return names.get(type(value), type(value).__name__)
-
-
-def read_json_array(path: str | Path) -> list[Any]:
-    """Decode a UTF-8 JSON file whose top level is a list, or raise a one-line DataError.
-
-    Errors name the byte offset of invalid UTF-8 and the line/column/character of
-    invalid or truncated JSON. A UTF-8 byte-order mark is accepted.
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    except OSError as err:
-        raise DataError(path, None, None, f"cannot read file: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        record, field = _locate_undecodable(raw)
-        raise DataError(
-            path,
-            record,
-            field,
-            f"not valid UTF-8: byte 0x{raw[err.start]:02x} at byte offset {err.start}",
-        ) from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise DataError(path, None, None, "file is empty; expected a JSON list of records")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        truncated = " (the file ends there: truncated?)" if err.pos >= len(text.rstrip()) else ""
-        raise DataError(
-            path,
-            None,
-            None,
-            f"invalid JSON at line {err.lineno} column {err.colno} (char {err.pos}): "
-            f"{err.msg}{truncated}",
-        ) from None
-    if not isinstance(data, list):
-        raise DataError(path, None, None, f"expected a JSON list of records, got {json_type(data)}")
-    return data
-
-
-def _locate_undecodable(raw: bytes) -> tuple[int | None, str | None]:
-    """The record index and field holding the first undecodable byte, when the file is
-    otherwise valid JSON (bad bytes decode to lone surrogates with ``surrogateescape``)."""
-
-    def has_bad(value: Any) -> bool:
-        if isinstance(value, str):
-            return any("\udc80" <= ch <= "\udcff" for ch in value)
-        if isinstance(value, list | dict):
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            return any(has_bad(k) or has_bad(v) for k, v in items)
-        return False
-
-    try:
-        data = json.loads(raw.decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError:
-        return None, None
-    for index, record in enumerate(data if isinstance(data, list) else []):
-        if isinstance(record, dict):
-            for field, value in record.items():
-                if has_bad(field) or has_bad(value):
-                    return index, field
-        elif has_bad(record):
-            return index, None
-    return None, None
 
 
 def error_at(path: str | Path | None, index: int | None) -> ErrorAt:

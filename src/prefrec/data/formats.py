@@ -15,20 +15,12 @@ positive become selection ones (:func:`pairwise_to_selection`).
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefrec.data.dmpo import (
-    error_at,
-    json_type,
-    pairwise_example,
-    parse_dmpo_records,
-    read_json_array,
-    write_dmpo,
-)
+from prefrec.data.dmpo import error_at, pairwise_example, parse_dmpo_records, write_dmpo
 from prefrec.data.prompts import (
     DOMAINS,
     Domain,
@@ -36,6 +28,7 @@ from prefrec.data.prompts import (
     pairwise_instruction,
     selection_instruction,
 )
+from prefrec.data.reading import json_type, read_records
 from prefrec.data.schema import PairwiseExample, SelectionExample, trl_rows
 from prefrec.data.sdpo import parse_sdpo_records, write_sdpo
 from prefrec.errors import DataError, PrefrecError
@@ -48,39 +41,8 @@ Examples = list[PairwiseExample] | list[SelectionExample]
 # --------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[Any]:
-    """The rows of a JSON Lines file (blank lines skipped); a bad row raises DataError."""
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found") from None
-    rows = []
-    offset = 0
-    for line in lines:
-        if line.strip():
-            try:
-                rows.append(json.loads(line.decode("utf-8")))
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    path, len(rows), None, f"not valid UTF-8 at byte offset {offset + e.start}"
-                ) from None
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    path, len(rows), None, f"invalid JSON at column {e.colno}: {e.msg}"
-                ) from None
-        offset += len(line) + 1
-    return rows
-
-
-def _read_records(path: str | Path) -> list[Any]:
-    path = Path(path)
-    return _read_jsonl(path) if path.suffix == ".jsonl" else read_json_array(path)
-
-
 def _format_of(records: Sequence[Any], path: str | Path) -> str:
     """The format of decoded records, judged from the first record's fields."""
-    if not records:
-        raise DataError(path, None, None, "no records, so the format cannot be told")
     first = records[0]
     if not isinstance(first, dict):
         raise DataError(path, 0, None, f"expected an object, got {json_type(first)}")
@@ -101,7 +63,7 @@ def _format_of(records: Sequence[Any], path: str | Path) -> str:
 
 def detect_format(path: str | Path) -> str:
     """``"dmpo"``, ``"sdpo"`` or ``"trl"``, from the fields of the file's first record."""
-    return _format_of(_read_records(path), path)
+    return _format_of(read_records(path), path)
 
 
 def parse_trl_records(records: Sequence[Any], path: str | Path | None) -> list[PairwiseExample]:
@@ -129,11 +91,10 @@ def parse_trl_records(records: Sequence[Any], path: str | Path | None) -> list[P
 def load_examples(path: str | Path) -> Examples:
     """Read any supported file: pairwise examples (DMPO, TRL) or selection examples (S-DPO).
 
-    An empty JSON list reads as no examples.
+    Decoding goes through :mod:`prefrec.data.reading`, so a file without records is an
+    error, never "no examples".
     """
-    records = _read_records(path)
-    if not records:
-        return []
+    records = read_records(path)
     fmt = _format_of(records, path)
     if fmt == "dmpo":
         return parse_dmpo_records(records, path)

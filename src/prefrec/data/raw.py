@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from prefrec.data.reading import decode_json
 from prefrec.data.schema import Interaction, Interactions
 from prefrec.errors import DataError
 
@@ -270,10 +270,7 @@ def read_interactions_csv(
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     for number, text in _lines(path):
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(path, number, None, f"not valid JSON ({err.msg})") from None
+        record = decode_json(text, path, number)
         if not isinstance(record, dict):
             raise DataError(path, number, None, "expected a JSON object")
         yield number, record

@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefrec.data.dmpo import ErrorAt, error_at, json_type, read_json_array
+from prefrec.data.dmpo import ErrorAt, error_at
 from prefrec.data.prompts import selection_instruction
+from prefrec.data.reading import json_type, read_json_array
 from prefrec.data.schema import SelectionExample
 from prefrec.data.titles import history_user_key
 from prefrec.errors import DataError
