@@ -198,3 +198,52 @@ def test_final_models_pick_each_variants_last_trained_language_model():
             row("base", "zero-shot")]
     assert [(r["variant"], r["model"]) for r in final_models(rows)] == [
         ("default", "dmpo-k3"), ("no-sft", "dpo-k1"), ("sft-only", "sft"), ("base", "zero-shot")]
+
+
+# --------------------------------------------------------------------------- learning curve
+
+
+def test_examples_seen_counts_what_the_build_draws_times_epochs():
+    from prefrec.study import examples_seen
+
+    config = {"build": {"sft_users": 602, "dpo_users": 602, "pairs_per_user": 8,
+                        "groups_per_user": 4},
+              "sft": {"epochs": 2}, "align": {"losses": ["dmpo"]}}
+    assert examples_seen(config, "sft") == 602 * 8 * 2
+    assert examples_seen(config, "align") == 602 * 4  # AlignConfig's default: 1 epoch
+    config["sft"]["limit"], config["align"]["limit"] = 200, 100  # pairs, users
+    assert examples_seen(config, "sft") == 200 * 2
+    assert examples_seen(config, "align") == 100 * 4
+    config["align"]["both_orders"] = True
+    assert examples_seen(config, "align") == 100 * 4 * 2
+    assert examples_seen({**config, "build": None}, "sft") is None  # shipped files
+    config["build"]["pairs_per_user"] = "all"
+    assert examples_seen(config, "sft") is None
+
+
+def test_learning_curve_keeps_size_variants_and_draws_a_png(tiny_dir, tmp_path):
+    from prefrec.study import learning_curve_plot, learning_curve_points
+
+    config = _config(tiny_dir, tmp_path / "o")
+    config["sft"]["epochs"] = 1
+    study = {"base": str(_write(tmp_path / "base.yaml", config)), "out": str(tmp_path / "s"),
+             "overrides": [], "metric": "pairwise_accuracy",
+             "variants": {"default": [], "more": ["build.pairs_per_user=4"],
+                          "lr": ["sft.lr=1e-3"]}}
+
+    def row(variant, model, value):
+        return {"variant": variant, "overrides": study["variants"][variant], "model": model,
+                "kind": "llm", "metrics": {"pairwise_accuracy": {
+                    "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 6}}}
+
+    rows = [row("default", "zero-shot", 0.5), row("default", "sft", 0.52),
+            row("default", "dmpo-k2", 0.53), row("more", "sft", 0.6), row("lr", "sft", 0.7)]
+    points = learning_curve_points(study, rows)
+    # zero-shot trains on nothing, and the learning-rate variant changes the recipe.
+    assert [(p["variant"], p["stage"], p["series"], p["examples"]) for p in points] == [
+        ("default", "sft", "sft r4", 12), ("default", "align", "dmpo-k2 r4", 12),
+        ("more", "sft", "sft r4", 24)]
+    png = tmp_path / "curve.png"
+    assert learning_curve_plot(points, {"itemknn": 0.69}, png, "pairwise_accuracy")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not learning_curve_plot([], {}, tmp_path / "none.png", "pairwise_accuracy")

@@ -24,6 +24,7 @@ after every variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -285,6 +286,106 @@ def study_plot(study: dict[str, Any], rows: list[dict[str, Any]], path: Path) ->
     return True
 
 
+# Overrides that change how much a variant trains on (or its LoRA rank, which names the
+# curve), not how: only such variants are points of the learning curve.
+_SIZE_OVERRIDES = ("build.pairs_per_user", "build.groups_per_user", "build.train_history",
+                   "sft.limit", "align.limit", "sft.epochs", "align.epochs", "sft.pack_by_user",
+                   "align.pack_by_user", "sft.batch_size", "align.batch_size", "zero_shot",
+                   "sft.lora_r", "sft.lora_alpha", "align.lora_r", "align.lora_alpha")
+
+
+def examples_seen(config: dict[str, Any], stage: str) -> float | None:
+    """Training examples one stage of a run config passes over: SFT pairs (``stage`` =
+    "sft") or preference groups ("align"), as its data build draws them (users x per-user
+    count, capped by the stage's ``limit``), times its epochs. None without a build or
+    with ``pairs_per_user: all`` (the count then depends on the data)."""
+    build, section = config.get("build"), config.get(stage)
+    if not build or not section:
+        return None
+    per_user = build.get("pairs_per_user", 1) if stage == "sft" else build.get(
+        "groups_per_user", 1)
+    if per_user == "all":
+        return None
+    users = build.get("sft_users" if stage == "sft" else "dpo_users", 100)
+    limit = section.get("limit")
+    # align.limit counts users; sft.limit counts pairs.
+    if stage == "sft":
+        n = users * int(per_user) if limit is None else min(limit, users * int(per_user))
+    else:
+        n = (min(limit, users) if limit is not None else users) * int(per_user)
+    from prefrec.train.config import AlignConfig, SFTConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig if stage == "sft"
+                                                              else AlignConfig)}
+    epochs = section.get("epochs", defaults["epochs"])
+    return n * epochs * (2 if section.get("both_orders") else 1)
+
+
+def learning_curve_points(study: dict[str, Any], rows: list[dict[str, Any]],
+                          metric: str | None = None) -> list[dict[str, Any]]:
+    """(stage, series, examples seen, metric) of every trained model of the variants that
+    only change the amount of training data (see ``_SIZE_OVERRIDES``). A series is a
+    model label at one LoRA rank and history protocol, e.g. ``dmpo-k3 r64 fixed-history``."""
+    metric = metric or study["metric"]
+    points = []
+    for r in rows:
+        if r["kind"] != "llm" or r["model"] == "zero-shot" or metric not in r["metrics"]:
+            continue
+        if not all(o.split("=", 1)[0] in _SIZE_OVERRIDES for o in r["overrides"]):
+            continue
+        config = variant_config(study, r["variant"])
+        stage = "sft" if r["model"] == "sft" else "align"
+        seen = examples_seen(config, stage)
+        if seen is None:
+            continue
+        rank = (config.get(stage) or {}).get("lora_r", 16)
+        fixed = " fixed-history" if (config.get("build") or {}).get("train_history") else ""
+        points.append({"stage": stage, "series": f"{r['model']} r{rank}{fixed}",
+                       "variant": r["variant"], "examples": seen, **r["metrics"][metric]})
+    return points
+
+
+def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float],
+                        path: Path, metric: str) -> bool:
+    """Validation metric (95% CI) against training examples seen, one panel per stage and
+    one line per series, with the baselines' values as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prefrec.report import save_png
+
+    if not points:
+        return False
+    stages = [s for s in ("sft", "align") if any(p["stage"] == s for p in points)]
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.2), squeeze=False)
+    titles = {"sft": "SFT: pairs seen", "align": "preference stage: groups seen"}
+    for ax, stage in zip(axes[0], stages, strict=True):
+        mine = [p for p in points if p["stage"] == stage]
+        for series in dict.fromkeys(p["series"] for p in mine):
+            pts = sorted((p for p in mine if p["series"] == series), key=lambda p: p["examples"])
+            xs = [p["examples"] for p in pts]
+            ys = [p["value"] for p in pts]
+            err = [[p["value"] - p["ci_low"] for p in pts], [p["ci_high"] - p["value"] for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=series)
+        for (name, value), style in zip(baselines.items(), (":", "--", "-."), strict=False):
+            ax.axhline(value, color="#777777", linestyle=style, linewidth=1,
+                       label=f"{name} {value:.3f}")
+        ax.set_xscale("log")
+        ticks = sorted({p["examples"] for p in mine})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(titles[stage] + " (log scale)")
+        ax.set_ylabel(f"{metric} (95% CI)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("Learning curve: validation users")
+    fig.tight_layout()
+    save_png(fig, path)
+    return True
+
+
 def write_study_tables(study: dict[str, Any]) -> Path:
     """``study.json``, ``study.md`` and (with at least one finished model) ``study.png``."""
     rows = study_rows(study)
@@ -297,6 +398,12 @@ def write_study_tables(study: dict[str, Any]) -> Path:
                      + final_models_markdown(study, rows))
     if study_plot(study, rows, out / "study.png"):
         markdown += "\nEach variant's final model: ![study](study.png)\n"
+    metric = study["metric"]
+    baselines = {r["model"]: r["metrics"][metric]["value"] for r in rows
+                 if r["kind"] == "baseline" and metric in r["metrics"]}
+    if learning_curve_plot(learning_curve_points(study, rows), baselines,
+                           out / "learning_curve.png", metric):
+        markdown += "\nLearning curve: ![learning curve](learning_curve.png)\n"
     atomic_write_text(out / "study.md", markdown)
     return out / "study.md"
 

@@ -1,0 +1,53 @@
+"""The quality study's learning curve from finished studies' ``study.json`` files.
+
+Each ``--study CONFIG STUDY_JSON`` adds the models of the variants that only change how
+much a model trains on (pairs and groups per user, users, epochs; per LoRA rank and
+history protocol), placed at the training examples they saw. ``--baselines RESULTS:EXP``
+draws the classical baselines of a run's ``results.json`` (same eval users) as lines.
+
+    python scripts/learning_curve.py \\
+        --study configs/quality-study.yaml results/quality/study.json \\
+        --study configs/quality-study-h100.yaml results/quality/h100/study.json \\
+        --baselines results/quality/default-results.json:ml100k \\
+        --out results/quality/learning_curve.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from prefrec.io import atomic_write_json
+from prefrec.study import learning_curve_plot, learning_curve_points, load_study
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", nargs=2, action="append", metavar=("CONFIG", "STUDY_JSON"),
+                        required=True)
+    parser.add_argument("--baselines", default=None, help="results.json:experiment")
+    parser.add_argument("--out", type=Path, required=True, help="PNG; the points go beside it")
+    args = parser.parse_args(argv)
+    points, metric = [], "pairwise_accuracy"
+    for config, study_json in args.study:
+        study = load_study(config)
+        metric = study["metric"]
+        rows = json.loads(Path(study_json).read_text(encoding="utf-8"))["rows"]
+        # Several studies (CPU, H100) rerun the same variants: keep their points apart.
+        tag = f" [{Path(study['out']).name}]" if len(args.study) > 1 else ""
+        points += [{**p, "series": p["series"] + tag, "study": config}
+                   for p in learning_curve_points(study, rows)]
+    baselines = {}
+    if args.baselines:
+        path, exp = args.baselines.rsplit(":", 1)
+        models = json.loads(Path(path).read_text(encoding="utf-8"))["experiments"][exp]["models"]
+        baselines = {name: e["metrics"][metric]["value"] for name, e in models.items()
+                     if e["kind"] == "baseline"}
+    learning_curve_plot(points, baselines, args.out, metric)
+    atomic_write_json(args.out.with_suffix(".json"), {"points": points, "baselines": baselines})
+    print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({len(points)} points)")
+
+
+if __name__ == "__main__":
+    main()
