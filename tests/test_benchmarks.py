@@ -176,3 +176,23 @@ def test_bench_growth_smoke_writes_rows_and_a_png(tiny_dir, shared_data, tmp_pat
     short, long = (tokens[("history", 2, h, "shared")] for h in (5, 40))
     assert long > short  # a longer history really is longer
     assert (tmp_path / "growth.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_packing_smoke(tiny_dir, shared_data, tmp_path):
+    """Fast enough for the default suite (about 15 s): both stages, both methods, a point."""
+    rows = run_script(
+        "bench_packing.py", "--model", str(tiny_dir), "--data", str(shared_data),
+        "--reps", "1", "--examples", "4", "--micro", "2", "--tmp", str(tmp_path / "t"),
+        out=tmp_path / "packing.jsonl",
+    )
+    assert rows[0]["train_history"] == 10 and rows[0]["pack_size"] == 16
+    summaries = {(r["stage"], r["method"]): r for r in rows if r.get("summary")}
+    assert summaries.keys() == {(s, m) for s in ("sft", "align") for m in ("unpacked", "packed")}
+    for stage in ("sft", "align"):
+        # One history per user instead of one per example (SFT) or per group (align).
+        assert (summaries[(stage, "packed")]["tokens_per_example"]
+                < summaries[(stage, "unpacked")]["tokens_per_example"])
+    speedups = [r for r in rows if r.get("speedup")]
+    assert [(r["stage"], r["examples_per_user"]) for r in speedups] == [("sft", 4), ("align", 4)]
+    timed = [r for r in rows if "rep" in r]
+    assert len(timed) == 4 and all(r["seconds"] > 0 and r["loss"] > 0 for r in timed)
