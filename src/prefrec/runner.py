@@ -42,44 +42,94 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from prefrec.config_io import (
+    ConfigSource,
+    check_keys,
+    check_section,
+    dataclass_hints,
+    read_yaml_mapping,
+)
+from prefrec.data.prompts import TEMPLATES
 from prefrec.errors import PrefrecError
 from prefrec.io import append_jsonl, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# Top-level keys and their defaults. Sections map onto the stage configs.
-DEFAULTS: dict[str, Any] = {
-    "name": "run",
-    "out": None,
-    "model": "smollm2-135m",
-    "template": "alpaca",
-    "dtype": None,
-    "device": None,
-    "data_dir": None,
-    "build": None,  # `prefrec data build` arguments; files go to <out>/data
-    "experiments": [],
-    "zero_shot": True,
-    "sft": {},
-    "align": {"losses": ["dmpo"], "negatives": [3]},
-    "eval": {},
-    "baselines": None,
-    "significance": {"n_boot": 1000},
-}
-EVAL_KEYS = {
-    "limit": None,
-    "seed": 0,  # as `prefrec eval --seed`
-    "batch_size": 4,
-    "n_boot": 1000,
-    "mode": "likelihood",
-    "max_new_tokens": 32,
-    "orders": "given",  # pairwise data: "both" scores both candidate orders
-}
-EXPERIMENT_KEYS = {"name", "sft", "preference", "eval", "audit", "baselines_train", "split",
-                   "cross_eval"}
+# A stage section: its options, or null / false to skip the stage.
+Section = dict[str, Any] | None | Literal[False]
+
+
+@dataclass
+class RunSettings:
+    """The top level of a run config, with its defaults. The type hints are what
+    :func:`load_config` checks every value and override against; the sections' own keys
+    are typed by :class:`~prefrec.train.config.SFTConfig`,
+    :class:`~prefrec.train.config.AlignConfig`, :class:`EvalSettings`,
+    :class:`Experiment`, :class:`SplitSettings` and :class:`BaselinesSection`."""
+
+    name: str = "run"
+    out: str | None = None
+    model: str = "smollm2-135m"
+    template: Literal[TEMPLATES] = "alpaca"  # type: ignore[valid-type]
+    dtype: str | None = None
+    device: str | None = None
+    data_dir: str | None = None
+    # `prefrec data build` arguments, checked against its parser; files go to <out>/data
+    build: Any = None
+    experiments: list[Any] = field(default_factory=list)
+    zero_shot: bool = True
+    sft: Section = field(default_factory=dict)
+    align: Section = field(default_factory=lambda: {"losses": ["dmpo"], "negatives": [3]})
+    eval: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, Any] | None = None
+    significance: dict[str, Any] | None = field(default_factory=lambda: {"n_boot": 1000})
+
+
+@dataclass
+class EvalSettings:
+    """The ``eval`` section: the options of ``prefrec eval`` that every evaluation shares."""
+
+    limit: int | None = None
+    seed: int = 0  # as `prefrec eval --seed`
+    batch_size: int = 4
+    n_boot: int = 1000
+    mode: Literal["likelihood", "generate", "both"] = "likelihood"
+    max_new_tokens: int = 32
+    orders: Literal["given", "both"] = "given"  # pairwise data: "both" scores both orders
+
+
+@dataclass
+class SplitSettings:
+    """An experiment's ``split`` section: one file split by user (see ``prefrec data split``)."""
+
+    source: str = ""
+    eval_fraction: float = 0.2
+    seed: int = 42
+    link_windows: bool = True
+
+
+@dataclass
+class BaselinesSection:
+    """The ``baselines`` section: which methods, their config (a file or a mapping)."""
+
+    methods: list[str] = field(default_factory=list)
+    config: str | dict[str, Any] | None = None
+    limit: int | None = None
+
+
+@dataclass
+class SignificanceSettings:
+    """The ``significance`` section: bootstrap resamples of the headline comparisons."""
+
+    n_boot: int = 1000
+
+
+DEFAULTS: dict[str, Any] = dataclasses.asdict(RunSettings())
+EVAL_KEYS: dict[str, Any] = dataclasses.asdict(EvalSettings())
 
 
 # --------------------------------------------------------------------------- config
@@ -128,38 +178,19 @@ def apply_override(config: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def check_keys(section: str, given: dict[str, Any], allowed: set[str], source: str) -> None:
-    unknown = sorted(set(given) - allowed)
-    if unknown:
-        raise PrefrecError(
-            f"{source}: unknown key(s) {', '.join(unknown)} in {section}; "
-            f"expected some of: {', '.join(sorted(allowed))}"
-        )
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (empty file: ``{}``); one-line errors."""
-    if not path.is_file():
-        raise PrefrecError(f"{path}: no such {what} file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise PrefrecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise PrefrecError(f"{path}: expected a mapping at the top level")
-    return data
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a run config, apply ``key=value`` overrides, fill defaults and validate keys."""
-    from prefrec.train.config import AlignConfig, SFTConfig
-
+    """Read a run config, apply ``key=value`` overrides, fill defaults, and check every
+    key and every value's type (:mod:`prefrec.config_io`) before anything runs."""
     path = Path(path)
     raw = read_yaml_mapping(path, "config")
+    applied: dict[str, str] = {}
     for text in overrides or []:
-        apply_override(raw, *parse_override(text))
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+        applied[".".join(keys)] = text
+    source = ConfigSource(path, applied)
+    check_section(source, "", raw, dataclass_hints(RunSettings))
     config = copy.deepcopy(DEFAULTS)
-    check_keys("the top level", raw, set(DEFAULTS), str(path))
     config.update(raw)
     if config["out"] is None:
         config["out"] = str(Path("runs") / config["name"])
@@ -167,42 +198,93 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         _check_build(config["build"], str(path))
         if config["data_dir"] is None:
             config["data_dir"] = str(Path(config["out"]) / "data")
-
-    stage_fields = {f.name for f in dataclasses.fields(SFTConfig)} - {"data", "out"}
-    sft = config["sft"]
-    if sft not in (None, False):
-        check_keys("sft", sft, stage_fields, str(path))
-    align = config["align"]
-    if align not in (None, False):
-        align_fields = {f.name for f in dataclasses.fields(AlignConfig)} - {"data", "out", "sft"}
-        check_keys("align", align, align_fields | {"losses"}, str(path))
-        align.setdefault("losses", ["dmpo"])
-        align.setdefault("negatives", [3])
-        for key in ("losses", "negatives"):
-            if not isinstance(align[key], list):
-                align[key] = [align[key]]
-        bad = [x for x in align["losses"] if x not in ("dpo", "dmpo", "sdpo")]
-        if bad:
-            raise PrefrecError(f"{path}: align.losses has {bad}; expected dpo, dmpo or sdpo")
-    check_keys("eval", config["eval"], set(EVAL_KEYS), str(path))
+    _check_sft(config, source)
+    _check_align(config, source)
+    check_section(source, "eval", config["eval"], dataclass_hints(EvalSettings))
     config["eval"] = {**EVAL_KEYS, **config["eval"]}
-    if config["baselines"]:
-        check_keys("baselines", config["baselines"], {"methods", "config", "limit"}, str(path))
-        from prefrec.baselines import METHODS
+    _check_baselines(config, source)
+    if config["significance"] is not None:
+        check_section(source, "significance", config["significance"],
+                      dataclass_hints(SignificanceSettings))
+    _check_experiments(config, source)
+    return config
 
-        unknown = [m for m in config["baselines"].get("methods") or [] if m not in METHODS]
-        if unknown:
-            raise PrefrecError(f"{path}: baselines.methods has {unknown}; "
-                               f"expected some of {', '.join(METHODS)}")
 
+def _check_sft(config: dict[str, Any], source: ConfigSource) -> None:
+    from prefrec.train.config import SFTConfig
+
+    if config["sft"] not in (None, False):
+        check_section(source, "sft", config["sft"], dataclass_hints(SFTConfig, {"data", "out"}))
+
+
+def _check_align(config: dict[str, Any], source: ConfigSource) -> None:
+    """Types as :class:`AlignConfig`, except that ``losses`` and ``negatives`` may be lists
+    (one stage per loss x K); a single value becomes a one-item list."""
+    from prefrec.train.config import AlignConfig
+
+    align = config["align"]
+    if align in (None, False):
+        return
+    hints = {**dataclass_hints(AlignConfig, {"data", "out", "sft"}),
+             "losses": list[str] | str, "negatives": list[int] | int}
+    check_section(source, "align", align, hints)
+    align.setdefault("losses", ["dmpo"])
+    align.setdefault("negatives", [3])
+    for key in ("losses", "negatives"):
+        if not isinstance(align[key], list):
+            align[key] = [align[key]]
+    bad = [x for x in align["losses"] if x not in ("dpo", "dmpo", "sdpo")]
+    if bad:
+        raise PrefrecError(f"{source.path}: align.losses has {bad}; expected dpo, dmpo or sdpo")
+    if not align["negatives"] or min(align["negatives"]) < 1:
+        raise PrefrecError(f"{source.where('align.negatives')}: expected K >= 1 negatives, "
+                           f"got {align['negatives']}")
+
+
+def _check_baselines(config: dict[str, Any], source: ConfigSource) -> None:
+    """Known methods, and a method config (a file or a mapping) that reads cleanly now
+    rather than after the language models have trained."""
+    spec = config["baselines"]
+    if not spec:
+        return
+    check_section(source, "baselines", spec, dataclass_hints(BaselinesSection))
+    from prefrec.baselines import METHODS
+    from prefrec.baselines.config import config_from_dict
+    from prefrec.baselines.config import load_config as load_baselines_config
+
+    unknown = [m for m in spec.get("methods") or [] if m not in METHODS]
+    if unknown:
+        raise PrefrecError(f"{source.path}: baselines.methods has {unknown}; "
+                           f"expected some of {', '.join(METHODS)}")
+    method_config = spec.get("config")
+    if isinstance(method_config, dict):
+        try:
+            config_from_dict(method_config)
+        except PrefrecError as err:
+            raise PrefrecError(f"{source.where('baselines.config')}: {err}") from None
+    elif method_config is not None:
+        load_baselines_config(method_config)
+
+
+def _check_experiments(config: dict[str, Any], source: ConfigSource) -> None:
+    """Each experiment typed as :class:`Experiment` (null: an optional key's default),
+    named once, with eval data or a split, and cross_eval naming experiments that exist."""
+    path = source.path
     if not config["experiments"]:
         raise PrefrecError(f"{path}: no experiments (a list with name, eval, sft, preference)")
+    required = {f.name for f in dataclasses.fields(Experiment)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    hints = {key: hint if key in required else hint | None
+             for key, hint in dataclass_hints(Experiment).items()}
     names = set()
     for i, exp in enumerate(config["experiments"]):
         where = f"{path}: experiments[{i}]"
         if not isinstance(exp, dict):
             raise PrefrecError(f"{where}: expected a mapping")
-        check_keys(f"experiments[{i}]", exp, EXPERIMENT_KEYS, str(path))
+        check_section(source, f"experiments[{i}]", exp, hints)
+        if exp.get("split") is not None:
+            check_section(source, f"experiments[{i}].split", exp["split"],
+                          dataclass_hints(SplitSettings))
         if "name" not in exp:
             raise PrefrecError(f"{where}: missing name")
         if "eval" not in exp and "split" not in exp:
@@ -217,7 +299,6 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
                     f"{path}: experiment {exp['name']!r} cross_eval names {other!r}, "
                     "which is not an experiment"
                 )
-    return config
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -343,9 +424,9 @@ def _split_files(config: dict[str, Any], exp: Experiment) -> None:
     source, train_path, test_path = split_paths(config, exp)
     if train_path.is_file() and test_path.is_file():
         return
-    spec = exp.split or {}
-    written = split_file(source, train_path.parent, float(spec.get("eval_fraction", 0.2)),
-                         int(spec.get("seed", 42)), bool(spec.get("link_windows", True)))
+    spec = SplitSettings(**(exp.split or {}))
+    written = split_file(source, train_path.parent, spec.eval_fraction, spec.seed,
+                         spec.link_windows)
     for part, (path, n_examples, n_users) in written.items():
         log.info("%s: %d examples, %d users -> %s", part, n_examples, n_users, path)
 

@@ -29,31 +29,40 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from prefrec.config_io import ConfigSource, check_section, dataclass_hints, read_yaml_mapping
 from prefrec.errors import PrefrecError
 from prefrec.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-STUDY_KEYS = {"base", "out", "overrides", "metric", "variants"}
+@dataclass
+class StudyFile:
+    """The keys of a study file and their types (variants are checked in detail below)."""
+
+    base: str
+    out: str
+    variants: dict[Any, Any]
+    overrides: list[str] = field(default_factory=list)
+    metric: str = "pairwise_accuracy"
 
 
 def load_study(path: str | Path) -> dict[str, Any]:
-    """Read and check a study file."""
-    from prefrec.runner import check_keys, read_yaml_mapping
-
+    """Read and check a study file, and every variant's run config (base + overrides), so
+    that a bad value in any variant fails now, not after the variants before it ran."""
     path = Path(path)
     study = read_yaml_mapping(path, "study")
-    check_keys("the top level", study, STUDY_KEYS, str(path))
+    check_section(ConfigSource(path), "", study, dataclass_hints(StudyFile))
     for key in ("base", "out", "variants"):
         if key not in study:
             raise PrefrecError(f"{path}: missing {key}")
     variants = study["variants"]
-    if not isinstance(variants, dict) or not variants:
+    if not variants:
         raise PrefrecError(f"{path}: variants must be a non-empty mapping of name -> overrides")
     for name, overrides in variants.items():
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
@@ -62,6 +71,11 @@ def load_study(path: str | Path) -> dict[str, Any]:
             raise PrefrecError(f"{path}: variants.{name}: not a folder name")
     study.setdefault("overrides", [])
     study.setdefault("metric", "pairwise_accuracy")
+    for name in variants:
+        try:
+            variant_config(study, name)
+        except PrefrecError as err:
+            raise PrefrecError(f"{path}: variant {name}: {err}") from None
     return study
 
 

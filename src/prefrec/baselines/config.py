@@ -15,14 +15,14 @@ the wrong type are errors naming them.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, get_type_hints
 
 from prefrec.baselines.content import ContentConfig
 from prefrec.baselines.itemknn import ItemKNNConfig
 from prefrec.baselines.popularity import PopularityConfig
+from prefrec.config_io import check_value, matches, read_yaml_mapping
 from prefrec.errors import PrefrecError
 
 
@@ -75,22 +75,6 @@ class BaselinesConfig:
         return getattr(self, name)
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits a field's type hint (an int is a valid float)."""
-    origin = get_origin(hint)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, h) for h in get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is dict:
-        return isinstance(value, dict) and all(isinstance(v, list) for v in value.values())
-    return isinstance(value, hint)
-
-
 def _override(section: str, base: Any, values: Any) -> Any:
     """``base`` with ``values`` applied; fixed fields leave the default grid."""
     if not isinstance(values, dict):
@@ -102,10 +86,7 @@ def _override(section: str, base: Any, values: Any) -> Any:
             raise PrefrecError(
                 f"baselines config: {section}: unknown field '{name}'; known: {', '.join(sorted(names))}"
             )
-        if not _matches(value, hints[name]):
-            raise PrefrecError(
-                f"baselines config: {section}.{name}: {value!r} is not a valid {hints[name]}"
-            )
+        check_value(f"baselines config: {section}.{name}", value, hints[name])
     fixed = {k: (float(v) if hints[k] is float else v) for k, v in values.items()}
     if "grid" not in fixed:
         fixed["grid"] = {k: v for k, v in base.grid.items() if k not in fixed}
@@ -126,7 +107,7 @@ def config_from_dict(values: dict[str, Any] | None) -> BaselinesConfig:
                 f"baselines config: unknown section '{key}'; known: {', '.join(sorted(known))}"
             )
         if key == "validation_fraction":
-            if not _matches(value, float) or not 0 < value < 1:
+            if not matches(value, float) or not 0 < value < 1:
                 raise PrefrecError(f"baselines config: validation_fraction {value!r}: expected 0 < x < 1")
             config = replace(config, validation_fraction=float(value))
         else:
@@ -135,18 +116,11 @@ def config_from_dict(values: dict[str, Any] | None) -> BaselinesConfig:
 
 
 def load_config(path: str | Path | None) -> BaselinesConfig:
-    """Read a YAML config file (``None``: the defaults)."""
+    """Read a YAML config file (``None``: the defaults); errors name the file."""
     if path is None:
         return BaselinesConfig()
-    import yaml
-
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PrefrecError(f"{path}: config file not found") from None
-    except yaml.YAMLError as err:
-        raise PrefrecError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+    values = read_yaml_mapping(path, "baselines config")
     try:
         return config_from_dict(values)
     except PrefrecError as err:
