@@ -189,15 +189,68 @@ def test_report_serialises():
     assert restored["leaked_histories"] == {"eval": 1}
     markdown = report.to_markdown()
     assert (
-        "| train | train | pairwise | 2 | 1 | 1 / 1 / 1.0 / 1 | 100.0% | 1 | 0 | 3 | 0.0% | 0.0% |"
+        "| train | train | pairwise | 2 | 1 | 1 / 1 / 1.0 / 1 | 100.0% | 1 | 0 | 3 | 0.0% | 0.0% "
+        "| 1 | - |"
         in (markdown)
     )
     assert "| eval | train | 1 | 1 |" in markdown
     assert "- **error** 1 of 1 distinct histories of eval" in markdown
     assert markdown.index("**error**") < markdown.index("**warning**")
-    assert "- none" in audit({"train": []}).to_markdown()
+    assert "- none" in audit({"train": [pair(["a"], "p", "n")]}).to_markdown()
+    assert "- **error** train holds no records" in audit({"train": []}).to_markdown()
 
 
 def test_eval_names():
     assert is_eval_name("rec_Amazon_Game_eval_ranking") and is_eval_name("lastfm-TEST")
     assert not is_eval_name("rec_Amazon_Game_sft_ranking") and not is_eval_name("valid")
+
+
+# --------------------------------------------------------------------------- lengths
+
+
+def test_over_long_titles_are_a_finding_without_a_tokenizer():
+    long_title = "T" * 100_000
+    report = audit({"train": [pair(["a"], "p", "n"), pair(["a", long_title], "p", "n")]})
+    d = report.datasets["train"]
+    assert (d.longest_title_chars, d.longest_title_record, d.long_titles) == (100_000, 1, 1)
+    [finding] = [f for f in report.findings if "characters" in f.message]
+    assert finding.severity == "warning"
+    assert "1 titles of train are longer than 300 characters" in finding.message
+    assert "the longest has 100000 characters (record 1)" in finding.message
+    assert d.longest_tokens is None  # no tokenizer: no token counts
+
+
+def test_records_past_the_context_and_unfit_ones_with_token_counts(tiny_tokenizer):
+    from prefrec.data.lengths import LengthLimit
+
+    short = pair(["a"], "p", "n")
+    long_history = pair([f"Movie {i} (1995)" for i in range(200)], "p", "n")
+    huge_candidate = pair(["a"], "x" * 3000, "n")
+    limit = LengthLimit(tiny_tokenizer, "alpaca", 512)
+    report = audit({"train": [short, long_history, huge_candidate]}, limit=limit)
+    d = report.datasets["train"]
+    assert d.max_tokens == 512 and d.longest_tokens_record in (1, 2)
+    assert d.over_limit == 1 and d.over_limit_records == [1]
+    assert d.unfit == 1 and d.unfit_records == [2] and d.unfit_tokens > 512
+    assert d.longest_title_tokens is not None and d.longest_title_tokens > 300
+    messages = {f.severity: f.message for f in report.findings if "tokens" in f.message}
+    assert messages["error"].startswith("train: 1 records cannot be trained or scored: a "
+                                        f"completion of {d.unfit_tokens} tokens alone fills")
+    assert "1 of 3 records are longer than the model's context of 512 tokens" in (
+        report.to_markdown())
+    assert f"| {d.longest_tokens} / 512 |" in report.to_markdown()
+
+
+def test_training_states_a_truncation_and_refuses_what_cannot_fit(tiny_tokenizer, caplog):
+    from prefrec.data.lengths import LengthLimit, check_examples_fit
+    from prefrec.errors import DataError
+
+    limit = LengthLimit(tiny_tokenizer, "alpaca", 256, "max_length")
+    fits, long = pair(["a"], "p", "n"), pair([f"M{i}" for i in range(200)], "p", "n")
+    with caplog.at_level("WARNING", logger="prefrec.data.lengths"):
+        lengths = check_examples_fit([fits, long], limit, "t.json")
+    assert lengths.truncated == [1]
+    assert "t.json: 1 of 2 records are longer than max_length of 256 tokens" in caplog.text
+    with pytest.raises(DataError, match=r"^t\.json: record 1: a completion of \d+ tokens alone "
+                       "fills max_length of 256 tokens"):
+        check_examples_fit([fits, pair(["a"], "y" * 2000, "n")], limit, "t.json")

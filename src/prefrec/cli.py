@@ -36,7 +36,14 @@ def _cmd_data_audit(args: argparse.Namespace) -> None:
     for name in args.files:
         path = resolve_dataset(name, data_dir=args.data_dir)
         datasets[path.name] = load_examples(path)
-    report = audit(datasets)
+    limit = None
+    if args.model:
+        from prefrec.data.lengths import model_limit
+
+        limit = model_limit(args.model, args.template, args.max_length)
+    elif args.max_length is not None:
+        raise PrefrecError("--max-length needs --model (its tokenizer counts the tokens)")
+    report = audit(datasets, limit=limit)
     print(report.to_markdown())
     if args.json:
         atomic_write_json(args.json, report.to_dict())
@@ -199,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("files", nargs="+", help="dataset files or names (e.g. ml1m-eval)")
     a.add_argument("--json", default=None, help="also write the report as JSON here")
     a.add_argument("--markdown", default=None, help="also write the report as markdown here")
+    a.add_argument("--model", default=None,
+                   help="count tokens with this model's tokenizer and flag records longer than "
+                   "its context (or --max-length): embedded name, hub id or local dir")
+    a.add_argument("--template", default="alpaca", choices=["alpaca", "chat", "plain"],
+                   help="prompt template the tokens are counted with (default: %(default)s)")
+    a.add_argument("--max-length", type=int, default=None,
+                   help="flag records longer than this many tokens (e.g. training's "
+                   "--max-length; default: the model's context)")
     _add_data_dir(a)
     a.set_defaults(func=_cmd_data_audit)
 

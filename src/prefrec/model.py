@@ -511,6 +511,27 @@ def load(
     return model, tokenizer
 
 
+def load_tokenizer(
+    name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | Path | None = None
+) -> tuple[PreTrainedTokenizerBase, int | None]:
+    """A model's tokenizer and its context length (``max_position_embeddings``; None when
+    the config names none), without loading the weights: what counting tokens needs
+    (``prefrec data audit --model``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kind, location = _resolve_source(name_or_path, cache_dir)
+    kwargs: dict[str, Any] = {"local_files_only": True} if kind == "embedded" else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        config = AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise PrefrecError(
+            f"cannot load the tokenizer of '{name_or_path}' from {location}: {_first_line(err)}"
+        ) from err
+    text_config = getattr(config, "text_config", None) or config
+    return tokenizer, getattr(text_config, "max_position_embeddings", None)
+
+
 # --------------------------------------------------------------------------- LoRA
 
 

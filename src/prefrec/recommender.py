@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefrec.data.lengths import check_fit, measure
 from prefrec.data.prompts import (
     DOMAINS,
     model_input,
@@ -278,6 +279,12 @@ class Recommender:
                    chain.base_model, paths)
 
     @property
+    def context(self) -> int | None:
+        """The most tokens the model takes (None: unbounded); longer prompts are cut from
+        the start."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
     def device(self) -> str:
         return str(next(self.model.parameters()).device)
 
@@ -291,7 +298,7 @@ class Recommender:
         """``score_completions`` on this model under the lock (see :mod:`prefrec.scoring`)."""
         from prefrec.scoring import score_completions
 
-        max_length = getattr(self.model.config, "max_position_embeddings", None)
+        max_length = self.context
         with self._lock:
             return score_completions(
                 self.model, self.tokenizer, prompts, completions, group_ids=group_ids,
@@ -337,6 +344,14 @@ class Recommender:
             groups += [i] * len(c)
         if not checked:
             return []
+        if self.context is not None:
+            # A request past the context is cut (and said so); one that cannot fit is refused.
+            lengths = measure(self.tokenizer, prompts, completions, groups, self.context)
+            try:
+                check_fit(lengths, len(checked), "the model's context", None)
+            except DataError as err:
+                record = err.record if len(checked) > 1 else None
+                raise DataError(None, record, "candidates", err.message) from None
         scores = self.score(prompts, completions, group_ids=groups)
         logps, n_tokens = scores.logps.tolist(), scores.n_tokens.tolist()
         rankings, pos = [], 0
@@ -489,7 +504,7 @@ def rank_command(args: argparse.Namespace) -> None:
     else:
         requests = [command_line_request(args, limits)]
     recommender = recommender_from_args(args, limits)
-    rankings = _rank_in_chunks(recommender, requests)
+    rankings = _rank_in_chunks(recommender, requests, args.input)
     for i, (req, ranking) in enumerate(zip(requests, rankings, strict=True)):
         if args.json:
             print(json.dumps({"index": i, "task": req.task,
@@ -503,8 +518,9 @@ def rank_command(args: argparse.Namespace) -> None:
 
 
 def _rank_in_chunks(recommender: Recommender, requests: Sequence[RankRequest],
-                    chunk: int = 64) -> list[list[RankedItem]]:
-    """rank_many over chunks of requests, with a progress bar for long files."""
+                    path: str | None = None, chunk: int = 64) -> list[list[RankedItem]]:
+    """rank_many over chunks of requests, with a progress bar for long files; a request
+    the model cannot take is named by its record in ``path``."""
     from tqdm.auto import tqdm
 
     rankings: list[list[RankedItem]] = []
@@ -512,6 +528,10 @@ def _rank_in_chunks(recommender: Recommender, requests: Sequence[RankRequest],
               disable=len(requests) <= chunk) as bar:
         for start in range(0, len(requests), chunk):
             part = requests[start : start + chunk]
-            rankings += recommender.rank_many(part)
+            try:
+                rankings += recommender.rank_many(part)
+            except DataError as err:
+                record = None if err.record is None else start + err.record
+                raise DataError(path, record, err.field, err.message) from None
             bar.update(len(part))
     return rankings

@@ -432,8 +432,11 @@ def _split_files(config: dict[str, Any], exp: Experiment) -> None:
 
 
 def _audit(config: dict[str, Any], exp: Experiment, out: Path) -> None:
+    """Audit the experiment's files, token lengths against the model's context included;
+    error and warning findings are logged, so a truncation is stated before training."""
     from prefrec.data.audit import audit
     from prefrec.data.formats import load_examples
+    from prefrec.data.lengths import model_limit
     from prefrec.data.resolve import resolve_dataset
     from prefrec.io import atomic_write_json
 
@@ -446,7 +449,10 @@ def _audit(config: dict[str, Any], exp: Experiment, out: Path) -> None:
     for name in dict.fromkeys(names):
         path = resolve_dataset(name, data_dir=config["data_dir"])
         datasets[path.name] = load_examples(path)
-    report = audit(datasets)
+    report = audit(datasets, limit=model_limit(config["model"], config["template"]))
+    for finding in report.findings:
+        if finding.severity != "info":
+            log.warning("audit %s: %s", finding.severity, finding.message)
     atomic_write_text(out / exp.name / "audit.md", report.to_markdown())
     atomic_write_json(target, report.to_dict())
 

@@ -7,8 +7,13 @@ severity (``error``: results would be wrong, ``warning``: results may be biased,
 
 Per file: records, users, history length (min / median / mean / max), candidate-order
 balance (the share of pairwise records whose prompt names the positive first, with a
-two-sided binomial test against 1/2), duplicate records, and records whose completion
-does not match the prompt's candidates.
+two-sided binomial test against 1/2), duplicate records, records whose completion
+does not match the prompt's candidates, and titles longer than the server accepts
+(:data:`MAX_TITLE_CHARS`). Given a :class:`~prefrec.data.lengths.LengthLimit` (the
+model's tokenizer, template and context), also the token length of every record's
+longest sequence: records past the limit (training and scoring cut their prompts from the
+start) and records whose completion alone fills it (an error: they cannot be scored).
+An empty file is an error finding.
 
 Across files, a file whose name contains ``eval`` or ``test`` is an evaluation file and
 every other one a training file:
@@ -32,8 +37,10 @@ from typing import Any
 
 from scipy.stats import binomtest
 
+from prefrec.data.lengths import LengthLimit, measure_examples, truncation_note, unfit_message
 from prefrec.data.prompts import title_tag
 from prefrec.data.schema import PairwiseExample, SelectionExample
+from prefrec.recommender import Limits
 
 Example = PairwiseExample | SelectionExample
 
@@ -43,6 +50,11 @@ _EVAL_MARKERS = ("eval", "test")
 DRIFT_THRESHOLD = 0.5  # a title-format share differing by this much between files is drift
 BALANCE_ALPHA = 1e-3  # binomial-test level for candidate-order imbalance (many files tested)
 MAX_LISTED = 10  # record indices listed per defect
+# Titles longer than this are a finding: the server refuses them (`serve --max-title-chars`).
+MAX_TITLE_CHARS = Limits().max_title_chars
+# What becomes of a record past the audited limit, by stage.
+PAST_LIMIT = ("training (at its max_length) and rank/serve cut such prompts from the start, "
+              "dropping the oldest history titles; evaluation scores them whole")
 
 
 def is_eval_name(name: str) -> bool:
@@ -75,6 +87,19 @@ class DatasetAudit:
     titles: int
     year_title_share: float | None
     trailing_space_share: float | None
+    longest_title_chars: int = 0
+    longest_title_record: int | None = None
+    long_titles: int = 0  # distinct titles longer than MAX_TITLE_CHARS
+    # Token counts, when the audit is given a tokenizer and a limit (LengthLimit):
+    longest_title_tokens: int | None = None
+    max_tokens: int | None = None
+    longest_tokens: int | None = None
+    longest_tokens_record: int | None = None
+    over_limit: int | None = None
+    over_limit_records: list[int] = field(default_factory=list)
+    unfit: int | None = None
+    unfit_records: list[int] = field(default_factory=list)
+    unfit_tokens: int | None = None
 
 
 @dataclass
@@ -118,8 +143,9 @@ class AuditReport:
             "# Data audit",
             "",
             "| dataset | role | kind | records | users | history min / median / mean / max "
-            "| positive first | duplicates | mismatched | titles | with year | trailing space |",
-            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+            "| positive first | duplicates | mismatched | titles | with year | trailing space "
+            "| longest title (chars) | longest sequence (tokens) |",
+            "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for d in self.datasets.values():
             history = (
@@ -130,7 +156,8 @@ class AuditReport:
             lines.append(
                 f"| {d.name} | {d.role} | {d.kind} | {d.records} | {d.users} | {history} "
                 f"| {_percent(d.positive_first_share)} | {d.duplicates} | {d.mismatched} "
-                f"| {d.titles} | {_percent(d.year_title_share)} | {_percent(d.trailing_space_share)} |"
+                f"| {d.titles} | {_percent(d.year_title_share)} | {_percent(d.trailing_space_share)} "
+                f"| {d.longest_title_chars} | {_tokens(d)} |"
             )
         if self.overlaps:
             lines += [
@@ -154,6 +181,10 @@ class AuditReport:
 
 def _percent(share: float | None) -> str:
     return "-" if share is None else f"{100 * share:.1f}%"
+
+
+def _tokens(d: DatasetAudit) -> str:
+    return "-" if d.longest_tokens is None else f"{d.longest_tokens} / {d.max_tokens}"
 
 
 # --------------------------------------------------------------------------- per record
@@ -215,8 +246,46 @@ def _titles(examples: Sequence[Example]) -> set[str]:
 # --------------------------------------------------------------------------- per file
 
 
-def audit_dataset(name: str, examples: Sequence[Example]) -> DatasetAudit:
-    """The statistics of one file."""
+def _longest_title(examples: Sequence[Example]) -> tuple[str, int | None]:
+    """The longest title of any record, and the first record holding it."""
+    best, where = "", None
+    for i, ex in enumerate(examples):
+        for title in (*ex.history, *ex.candidates):
+            if len(title) > len(best):
+                best, where = title, i
+    return best, where
+
+
+def _length_fields(examples: Sequence[Example], limit: LengthLimit | None) -> dict[str, Any]:
+    """The title-length fields of a DatasetAudit, and the token fields given a limit."""
+    titles = _titles(examples)
+    longest, record = _longest_title(examples)
+    values: dict[str, Any] = {
+        "longest_title_chars": len(longest),
+        "longest_title_record": record,
+        "long_titles": sum(len(t) > MAX_TITLE_CHARS for t in titles),
+    }
+    if limit is None or not examples:
+        return values
+    lengths = measure_examples(examples, limit)
+    values.update(
+        longest_title_tokens=len(limit.tokenizer(longest, add_special_tokens=False)["input_ids"]),
+        max_tokens=limit.max_tokens,
+        longest_tokens=lengths.longest,
+        longest_tokens_record=lengths.longest_record,
+        over_limit=len(lengths.truncated),
+        over_limit_records=lengths.truncated[:MAX_LISTED],
+        unfit=len(lengths.unfit),
+        unfit_records=lengths.unfit[:MAX_LISTED],
+        unfit_tokens=lengths.unfit_tokens if lengths.unfit else None,
+    )
+    return values
+
+
+def audit_dataset(
+    name: str, examples: Sequence[Example], limit: LengthLimit | None = None
+) -> DatasetAudit:
+    """The statistics of one file; token counts too when ``limit`` gives a tokenizer."""
     kinds = {type(ex) for ex in examples}
     kind = (
         "empty"
@@ -273,6 +342,7 @@ def audit_dataset(name: str, examples: Sequence[Example]) -> DatasetAudit:
         trailing_space_share=(
             sum(t != t.rstrip() for t in titles) / len(titles) if titles else None
         ),
+        **_length_fields(examples, limit),
     )
 
 
@@ -362,15 +432,46 @@ def _drift(audits: dict[str, DatasetAudit], report: AuditReport, threshold: floa
                 )
 
 
+def _length_findings(a: DatasetAudit, what: str) -> list[Finding]:
+    """Over-long titles; with token counts, records past the limit or unable to fit."""
+    found = []
+    if a.long_titles:
+        tokens = "" if a.longest_title_tokens is None else f" / {a.longest_title_tokens} tokens"
+        found.append(Finding(
+            "warning", [a.name],
+            f"{a.long_titles} titles of {a.name} are longer than {MAX_TITLE_CHARS} characters "
+            f"(the server's limit); the longest has {a.longest_title_chars} characters{tokens} "
+            f"(record {a.longest_title_record})",
+        ))
+    if a.unfit:
+        message = unfit_message(a.unfit, a.unfit_tokens or 0, a.max_tokens or 0, what)
+        found.append(Finding(
+            "error", [a.name],
+            f"{a.name}: {a.unfit} records cannot be trained or scored: {message} (first: "
+            f"{', '.join(map(str, a.unfit_records))})",
+        ))
+    if a.over_limit:
+        note = truncation_note(a.over_limit, a.records, a.max_tokens or 0, a.longest_tokens or 0,
+                               a.longest_tokens_record, what, PAST_LIMIT)
+        found.append(Finding("warning", [a.name], f"{a.name}: {note}"))
+    return found
+
+
 def audit(
-    datasets: dict[str, Sequence[Example]], drift_threshold: float = DRIFT_THRESHOLD
+    datasets: dict[str, Sequence[Example]],
+    drift_threshold: float = DRIFT_THRESHOLD,
+    limit: LengthLimit | None = None,
 ) -> AuditReport:
     """Audit several files at once; keys are file names or roles (``eval``/``test`` in a
-    key marks an evaluation file)."""
-    audits = {name: audit_dataset(name, rows) for name, rows in datasets.items()}
+    key marks an evaluation file). With ``limit`` (a tokenizer, the prompt template and
+    a token limit, usually the model's context) records are also measured in tokens."""
+    audits = {name: audit_dataset(name, rows, limit) for name, rows in datasets.items()}
     report = AuditReport(datasets=audits)
     _leaks(datasets, report)
     for a in audits.values():
+        if a.kind == "empty":
+            report.findings.append(Finding("error", [a.name], f"{a.name} holds no records"))
+        report.findings += _length_findings(a, limit.what if limit else "")
         if a.mismatched:
             report.findings.append(
                 Finding(
