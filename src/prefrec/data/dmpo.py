@@ -86,6 +86,8 @@ def pairwise_example(
     if len(candidates) != 2:
         raise err(prompt_field, f"expected two candidate <Title:...> tags, found {len(candidates)}")
     first, second = candidates
+    if not first.strip() or not second.strip():
+        raise err(prompt_field, "empty candidate title: <Title:> names nothing")
     if first == second:
         raise err(prompt_field, f"the two candidates are the same title {first!r}")
     positive_title, negative_title = _completion_order(chosen, (first, second), err, chosen_field)

@@ -115,7 +115,10 @@ def _syntax_message(err: json.JSONDecodeError, text: str, unit: str) -> str:
         f"line {err.lineno} column {err.colno} (char {err.pos})" if "\n" in text.rstrip()
         or unit == "file" else f"column {err.colno}"
     )
-    truncated = f" (the {unit} ends there: truncated?)" if err.pos >= len(text.rstrip()) else ""
+    # An unterminated string runs to the end of the text (a raw newline would end it
+    # with another error), so it is a truncation too.
+    at_end = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+    truncated = f" (the {unit} ends there: truncated?)" if at_end else ""
     return f"invalid JSON at {where}: {err.msg}{truncated}"
 
 

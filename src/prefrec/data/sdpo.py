@@ -63,6 +63,8 @@ def parse_sdpo_record(record: Any, path: str | Path | None, index: int) -> Selec
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise err(f"itemList[{i}]", f"expected a string, got {json_type(item)}")
+        if not item.strip():
+            raise err(f"itemList[{i}]", "empty title")
         if item in seen:
             raise err("itemList", f"duplicate candidate {item!r} at position {i}")
         seen.add(item)

@@ -420,6 +420,10 @@ def train_align(
         from prefrec.data.dmpo import require_pairwise, with_both_orders
 
         examples = with_both_orders(require_pairwise(examples, data_path, "--both-orders"))
+    from prefrec.data.lengths import LengthLimit, check_examples_fit  # states truncation
+
+    check_examples_fit(examples, LengthLimit(tokenizer, template, cfg.max_length, "max_length"),
+                       data_path)
     n, make_group, keys = build_groups(examples, cfg.negatives, cfg.seed, cfg.resample_negatives)
     fingerprint = model_fingerprint(chain.base_model, [str(a) for a in chain.adapters])
     cache_key = reference_cache_key(fingerprint, template, keys, cfg.max_length)

@@ -190,6 +190,10 @@ def train_sft(
         ),
     )
     model.train()
+    from prefrec.data.lengths import LengthLimit, check_examples_fit  # states truncation
+
+    check_examples_fit(examples, LengthLimit(tokenizer, template, cfg.max_length, "max_length"),
+                       data_path)
     pairs = sft_pairs(examples)
     save_config(cfg, out, {"stage": "sft", "model": model_name, "template": template,
                            "data_path": str(data_path), "n_examples": len(pairs)})
