@@ -9,7 +9,9 @@ ranking, and the micro-batcher scored them in fewer batches than requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -152,6 +154,23 @@ def test_a_body_that_is_not_json_gets_422(server):
     assert response.status_code == 422
 
 
+@pytest.mark.parametrize(("kind", "message"), [
+    ("NaN", "body: field 'x': NaN is not valid JSON"),
+    ("lone surrogate", "body: field 'history': a string holds the lone surrogate \\\\udc80"),
+    ("non-UTF-8 bytes", "body: not valid UTF-8: byte 0xe9 at byte offset 16"),
+    ("nested 5000 deep", "body: nested deeper than Python's JSON decoder allows"),
+    ("huge integer", "body: a number too long to read"),
+    ("over the body size", "more than the limit 11840"),
+])
+def test_bodies_pythons_json_mishandles_get_422_naming_the_problem(server, kind, message):
+    """Python's json accepts NaN and lone surrogates (FastAPI then answered 500) and
+    raises on the others (400); prefrec's reader names each."""
+    response = httpx.post(f"{server}/rank", content=MALFORMED[kind](random.Random(0)),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert message in response.text
+
+
 def test_200_concurrent_requests_are_each_answered_correctly(server, api):
     # Distinct requests: rotate the history and the candidates, alternate the task.
     titles = HISTORY + CANDIDATES
@@ -214,3 +233,128 @@ def test_a_failing_request_does_not_fail_its_batch():
     assert results[0] == ["a"] and results[2] == ["c"]
     assert isinstance(results[1], RuntimeError)
     assert calls == [3, 1, 1, 1]
+
+
+# --------------------------------------------------------------------------- fuzz
+
+FUZZ_REQUESTS = 500
+FUZZ_CONCURRENCY = 20
+FUZZ_TIMEOUT_S = 180  # the bound on the whole run (about 15 s on the 2-core dev box)
+POOL = [*HISTORY, *CANDIDATES, *(f"Movie {i} ({1950 + i})" for i in range(24)),
+        "Amélie (2001)", "千と千尋の神隠し (2001)", 'Say "Anything..." (1989)', "Back\\slash (1999)",
+        "Se7en (1995) \U0001f3ac"]
+
+
+def _good_body(rng: random.Random) -> dict:
+    """A request within LIMITS: 1-10 history titles, 1-6 distinct candidates (2 for
+    pairwise), sometimes a domain."""
+    task = rng.choice(["selection", "selection", "pairwise"])
+    n = 2 if task == "pairwise" else rng.randint(1, LIMITS.max_candidates)
+    body = {"history": rng.sample(POOL, rng.randint(1, LIMITS.max_history)),
+            "candidates": rng.sample(POOL, n), "task": task}
+    if rng.random() < 0.3:
+        body["domain"] = rng.choice(["movie", "amazon_game", "music"])
+    return body
+
+
+def _changed(rng: random.Random, **changes) -> bytes:
+    return json.dumps({**_good_body(rng), **changes}).encode()
+
+
+# Every kind of malformed body, as bytes: the service must answer each with 422.
+MALFORMED = {
+    "not JSON": lambda rng: b"{not json",
+    "truncated JSON": lambda rng: json.dumps(_good_body(rng)).encode()[:-7],
+    "empty body": lambda rng: b"",
+    "body an array": lambda rng: b'[["Heat (1995)"], ["Big (1988)"]]',
+    "non-UTF-8 bytes": lambda rng: b'{"history": ["Am\xe9lie"], "candidates": ["Heat (1995)"]}',
+    "NaN": lambda rng: b'{"history": ["Heat (1995)"], "candidates": ["Big (1988)"], "x": NaN}',
+    "lone surrogate": lambda rng: b'{"history": ["\\udc80"], "candidates": ["Big (1988)"]}',
+    "nested 5000 deep": lambda rng: b'{"history": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "huge integer": lambda rng: _changed(rng)[:-1] + b', "n": ' + b"9" * 5000 + b"}",
+    "over the body size": lambda rng: _changed(rng, padding="x" * 20_000),
+    "candidates a string": lambda rng: _changed(rng, candidates="Heat (1995), Big (1988)"),
+    "history item a number": lambda rng: _changed(rng, history=["Heat (1995)", 7]),
+    "task a list": lambda rng: _changed(rng, task=["selection"]),
+    "too many candidates": lambda rng: _changed(rng, candidates=POOL[:7], task="selection"),
+    "too long a history": lambda rng: _changed(rng, history=POOL[:11]),
+    "too long a title": lambda rng: _changed(rng, candidates=["A", "x" * 41]),
+    "empty candidates": lambda rng: _changed(rng, candidates=[]),
+    "empty history": lambda rng: _changed(rng, history=[]),
+    "duplicate candidates": lambda rng: _changed(rng, candidates=["Heat (1995)"] * 2,
+                                                 task="selection"),
+    "blank title": lambda rng: _changed(rng, candidates=["Heat (1995)", "   "]),
+    "control character": lambda rng: _changed(rng, history=["Heat\t(1995)"]),
+    "missing candidates": lambda rng: json.dumps({"history": ["Heat (1995)"]}).encode(),
+    "unknown task": lambda rng: _changed(rng, task="rank"),
+    "pairwise with 3": lambda rng: _changed(rng, task="pairwise", candidates=POOL[:3]),
+    "unknown domain": lambda rng: _changed(rng, domain="books"),
+    "unknown field": lambda rng: _changed(rng, user=3),
+}
+
+
+def _fuzz_plan(seed: int = 21) -> list[tuple[str, bytes, dict | None]]:
+    """(kind, body, parsed good body or None) for every request, malformed ones (10%,
+    cycling through MALFORMED) at seeded random positions."""
+    rng = random.Random(seed)
+    n_bad = FUZZ_REQUESTS // 10
+    kinds = list(MALFORMED)
+    plan = [(kinds[i % len(kinds)], MALFORMED[kinds[i % len(kinds)]](rng), None)
+            for i in range(n_bad)]
+    for _ in range(FUZZ_REQUESTS - n_bad):
+        body = _good_body(rng)
+        plan.append(("good", json.dumps(body).encode(), body))
+    rng.shuffle(plan)
+    return plan
+
+
+async def _send(client: httpx.AsyncClient, gate: asyncio.Semaphore,
+                body: bytes) -> tuple[httpx.Response, float]:
+    async with gate:
+        started = time.perf_counter()
+        response = await client.post("/rank", content=body,
+                                     headers={"content-type": "application/json"})
+        return response, time.perf_counter() - started
+
+
+def test_fuzz_500_requests_20_at_a_time(server, api):
+    """500 requests over HTTP, 10% malformed, 20 in flight: no 5xx, 422 for every bad
+    one, the Python API's ranking for every good one, and /health fine after."""
+    plan = _fuzz_plan()
+    before = httpx.get(f"{server}/health").json()["batching"]
+
+    async def run_all():
+        gate = asyncio.Semaphore(FUZZ_CONCURRENCY)
+        limits = httpx.Limits(max_connections=FUZZ_CONCURRENCY)
+        async with httpx.AsyncClient(base_url=server, timeout=60, limits=limits) as client:
+            return await asyncio.wait_for(
+                asyncio.gather(*(_send(client, gate, body) for _, body, _ in plan)),
+                FUZZ_TIMEOUT_S)
+
+    started = time.perf_counter()
+    results = asyncio.run(run_all())
+    elapsed = time.perf_counter() - started
+    statuses = [r.status_code for r, _ in results]
+    assert [s for s in statuses if s >= 500] == []
+    for (kind, _, _), (response, _) in zip(plan, results, strict=True):
+        if kind != "good":
+            assert response.status_code == 422, (kind, response.text[:300])
+            assert response.json()["detail"], kind
+    good = [(body, r) for (_, _, body), (r, _) in zip(plan, results, strict=True) if body]
+    assert [r.status_code for _, r in good] == [200] * len(good)
+    expected = api.rank_many([RankRequest(tuple(b["history"]), tuple(b["candidates"]),
+                                          b["task"], b.get("domain")) for b, _ in good])
+    for (body, response), want in zip(good, expected, strict=True):
+        assert response.json()["task"] == body["task"]
+        _assert_same_ranking(response.json()["ranking"], want)
+
+    health = httpx.get(f"{server}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["batching"]["requests"] - before["requests"] == len(good)
+    latencies = sorted(seconds for _, seconds in results)
+    p50, p95 = (latencies[int(q * (len(latencies) - 1))] * 1000 for q in (0.50, 0.95))
+    print(f"fuzz: {len(plan)} requests ({len(plan) - len(good)} malformed, "
+          f"{FUZZ_CONCURRENCY} at a time) in {elapsed:.1f} s: "
+          f"{sum(200 <= s < 300 for s in statuses)} 2xx, "
+          f"{sum(400 <= s < 500 for s in statuses)} 4xx, "
+          f"{sum(s >= 500 for s in statuses)} 5xx; latency p50 {p50:.0f} ms, p95 {p95:.0f} ms")

@@ -7,6 +7,10 @@ Endpoints:
   summed and length-normalised log-prob and its probability over the candidates. Bad
   input (empty, duplicate or too many candidates, too-long titles, a missing field, a
   wrong type, an unknown task) is answered 422 with a message, never 500.
+  Bodies are decoded by prefrec's own reader (:mod:`prefrec.data.reading`) before
+  FastAPI parses them: Python's ``json`` accepts ``NaN`` and lone surrogates (which then
+  fail as 500s) and raises on deep nesting, huge integers and non-UTF-8 bytes (400s);
+  here each is a 422 naming what is wrong, as is a body larger than the limits allow.
 - ``GET /health``: model, adapters, template, device and the input limits.
 - ``GET /docs``: the OpenAPI page (the limits appear in the request schema).
 
@@ -32,6 +36,7 @@ from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from prefrec.data.prompts import DOMAINS
+from prefrec.data.reading import decode_json
 from prefrec.errors import DataError, PrefrecError
 from prefrec.recommender import (
     TASKS,
@@ -142,6 +147,51 @@ def _settle(future: asyncio.Future, result: Any = None, error: BaseException | N
         future.set_result(result)
 
 
+def max_body_bytes(limits: Limits) -> int:
+    """The largest body a request within ``limits`` can need: every title at its longest,
+    each character escaped (up to 12 bytes: a surrogate pair), plus room for the rest."""
+    titles = limits.max_history + limits.max_candidates
+    return titles * (12 * limits.max_title_chars + 4) + 4096
+
+
+def body_error(body: bytes, max_bytes: int) -> str | None:
+    """Why a request body is refused before it is parsed, or None (see the module
+    docstring)."""
+    if len(body) > max_bytes:
+        return f"body: {len(body)} bytes, more than the limit {max_bytes}"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"body: not valid UTF-8: byte 0x{body[err.start]:02x} at byte offset {err.start}"
+    try:
+        decode_json(text, "body", unit="body")
+    except DataError as err:
+        return str(err)
+    return None
+
+
+def _checked_body_route(max_bytes: int) -> type:
+    """An ``APIRoute`` that answers 422 to a POST body :func:`body_error` refuses; other
+    bodies go on to FastAPI (Starlette keeps the bytes, so they are read once)."""
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+
+    class CheckedBodyRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def checked(request):
+                if request.method == "POST":
+                    problem = body_error(await request.body(), max_bytes)
+                    if problem is not None:
+                        return JSONResponse(status_code=422, content={"detail": problem})
+                return await handler(request)
+
+            return checked
+
+    return CheckedBodyRoute
+
+
 def create_app(
     recommender: Recommender,
     limits: Limits | None = None,
@@ -226,6 +276,7 @@ def create_app(
         description="Rank candidate items for a user's history with a preference-tuned LM.",
         lifespan=lifespan,
     )
+    app.router.route_class = _checked_body_route(max_body_bytes(limits))
     app.state.batcher = batcher
     app.state.recommender = recommender
 

@@ -95,6 +95,8 @@ DATA = [
      "record 1: field 'prompt': Infinity is not valid JSON"),
     ("lone_surrogate.json", dumps([with_(GOOD, input="\ud800")]),
      "record 0: field 'input': a string holds the lone surrogate \\ud800"),
+    ("huge_integer.json", dumps([GOOD])[:-2] + b', "score": ' + b"9" * 5000 + b"}]",
+     "record 0: a number too long to read (Exceeds the limit (4300 digits)"),
     ("top_level_object.json", dumps(GOOD), "expected a JSON list of records, got an object"),
     ("record_not_object.json", dumps([GOOD, "just a string"]),
      "record 1: expected an object, got a string"),
@@ -157,6 +159,8 @@ REQUESTS = [
      "record 0: field 'history': NaN is not valid JSON"),
     ("non_utf8.jsonl", jsonl(GOOD_REQUEST) + b'{"history": ["caf\xe9"], "candidates": ["A"]}\n',
      "record 1: not valid UTF-8: byte 0xe9"),
+    ("huge_integer.jsonl", b'{"history": ["A"], "candidates": ["B"], "task": ' + b"9" * 5000
+     + b"}\n", "record 0: a number too long to read"),
     ("unknown_field.jsonl", jsonl(with_(GOOD_REQUEST, user=3)),
      "record 0: field 'user': unknown field"),
 ]

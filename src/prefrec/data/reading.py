@@ -9,6 +9,7 @@ the record and, where it can be told, the field:
 - syntax errors and truncated files (line and column);
 - ``NaN`` / ``Infinity`` / ``-Infinity``: not JSON, though ``json.loads`` accepts them;
 - strings holding a lone surrogate (``"\\ud800"``), which no UTF-8 file can be written with;
+- integers too long for Python to convert (over 4300 digits: ``ValueError``);
 - nesting deeper than :data:`MAX_DEPTH`: no record of any supported format nests beyond a
   few levels, and deep nesting otherwise ends in a ``RecursionError`` somewhere (in the
   decoder at ~1000 levels, in a writer or a walk before that);
@@ -122,6 +123,11 @@ def _syntax_message(err: json.JSONDecodeError, text: str, unit: str) -> str:
     return f"invalid JSON at {where}: {err.msg}{truncated}"
 
 
+def _number_message(err: ValueError) -> str:
+    # "Exceeds the limit (4300 digits) for integer string conversion: value has ..."
+    return f"a number too long to read ({str(err).split(':')[0]})"
+
+
 def _too_deep_message() -> str:
     return (f"nested deeper than Python's JSON decoder allows (~{sys.getrecursionlimit()} "
             f"levels; records nest at most {MAX_DEPTH})")
@@ -139,15 +145,18 @@ def decode_json(text: str, path: str | Path, record: int | None = None, unit: st
         raise DataError(path, record, None, _syntax_message(err, text, unit)) from None
     except RecursionError:
         raise DataError(path, record, None, _too_deep_message()) from None
+    except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise DataError(path, record, None, _number_message(err)) from None
     found = record_fault(value)
     if found is not None:
         raise DataError(path, record, found[0], found[1])
     return value
 
 
-def _deep_record(text: str) -> int | None:
-    """The index of the top-level list element that exhausts the decoder's recursion
-    limit, found by decoding the elements one at a time (None: not a list)."""
+def _failing_record(text: str, error: type[Exception]) -> int | None:
+    """The index of the top-level list element whose decoding raises ``error`` (deep
+    nesting, a huge number), found by decoding the elements one at a time (None: not a
+    list, or another error first)."""
     decoder = json.JSONDecoder(parse_constant=_NonFinite)
     space = re.compile(r"[\s,]*")
     pos = space.match(text, 0).end()
@@ -158,10 +167,8 @@ def _deep_record(text: str) -> int | None:
     while pos < len(text) and text[pos] != "]":
         try:
             _, pos = decoder.raw_decode(text, pos)
-        except RecursionError:
-            return index
-        except json.JSONDecodeError:
-            return None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
+            return index if type(err) is error else None
         pos = space.match(text, pos).end()
         index += 1
     return None
@@ -184,7 +191,7 @@ def _undecodable(raw: bytes, path: Path, err: UnicodeDecodeError) -> DataError:
     record = field = None
     try:
         data = json.loads(raw.decode("utf-8", "surrogateescape"), parse_constant=_NonFinite)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError included
         data = None
     for index, value in enumerate(data if isinstance(data, list) else []):
         found = record_fault(value)
@@ -220,7 +227,11 @@ def read_json_array(path: str | Path) -> list[Any]:
     except json.JSONDecodeError as err:
         raise DataError(path, None, None, _syntax_message(err, text, "file")) from None
     except RecursionError:
-        raise DataError(path, _deep_record(text), None, _too_deep_message()) from None
+        raise DataError(path, _failing_record(text, RecursionError), None,
+                        _too_deep_message()) from None
+    except ValueError as err:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise DataError(path, _failing_record(text, ValueError), None,
+                        _number_message(err)) from None
     if not isinstance(data, list):
         raise DataError(path, None, None, f"expected a JSON list of records, got {json_type(data)}")
     _check_records(data, path)
