@@ -12,7 +12,8 @@ pairs (SFT) or groups (align):
   (its K prompts already share the history inside the group); ``--micro`` sequences or
   groups per forward, gradients accumulated.
 - ``packed``: a user's examples in one row (at most ``--pack-size`` examples per row;
-  ``PackedSFTTrainer`` / ``AlignTrainer`` with user units): the history runs once.
+  ``PackedSFTTrainer`` / ``AlignTrainer`` with user units), one row per forward
+  (``--batch-size 1``, gradients accumulated): the history runs once per row.
 
 One timed step = collate + forward + loss + backward over the E examples of every user,
 then ``optimizer.step()`` and ``zero_grad()``. After a warm-up per (stage, E, method),
@@ -140,7 +141,7 @@ class Stepper:
         pairs = sft_pairs(rows)
         if method == "packed":
             units = user_packed_units(rows, pairs, self.pack_size)
-            return self._backward(self.packed_sft, [collate_packed_sft(units)])
+            return self._backward(self.packed_sft, [collate_packed_sft([u]) for u in units])
         feats = sft_features(self.tokenizer, pairs, TEMPLATE, 1024)
         pad = self.tokenizer.pad_token_id
         return self._backward(self.plain, [collate_sft(list(c), pad)
@@ -153,8 +154,8 @@ class Stepper:
         if method == "packed":
             units = pack_units(users, self.pack_size)
             dataset = GroupDataset(n, make_group, units)
-            return self._backward(self.align, [collate_groups(
-                [dataset[i] for i in range(len(dataset))], ref)])
+            return self._backward(self.align, [collate_groups([dataset[i]], ref)
+                                               for i in range(len(dataset))])
         dataset = GroupDataset(n, make_group)
         batches = [collate_groups([dataset[i] for i in chunk], ref)
                    for chunk in _chunks(range(len(dataset)), self.micro)]

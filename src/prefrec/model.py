@@ -662,8 +662,15 @@ def load_for_scoring(
         cache_dir=cache_dir,
         trust_remote_code=trust_remote_code,
     )
+    from prefrec.item_tokens import ItemProjector, attach_item_projector
+
+    projector = None
     for path in adapters:
         model = load_adapter(model, path).merge_and_unload()
+        # Each stage saves the projector it trained; the newest one is the chain's.
+        projector = ItemProjector.load(_adapter_folder(path)) or projector
+    if projector is not None:
+        attach_item_projector(model, projector, trainable=False)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
@@ -722,10 +729,15 @@ def _adapter_identity(path: str | Path) -> dict[str, str]:
     present = [w for w in weights if w.is_file()]
     if not present:
         raise PrefrecError(f"{folder}: adapter folder has no adapter_model.safetensors")
-    return {
+    identity = {
         "config": _file_sha256(folder / "adapter_config.json"),
         "weights": _file_sha256(present[0]),
     }
+    from prefrec.item_tokens import WEIGHTS_FILE
+
+    if (folder / WEIGHTS_FILE).is_file():  # item tokens change every log-prob too
+        identity["item_projector"] = _file_sha256(folder / WEIGHTS_FILE)
+    return identity
 
 
 def model_fingerprint(name_or_path: str, adapters: Sequence[str | Path] = ()) -> str:

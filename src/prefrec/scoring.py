@@ -60,6 +60,11 @@ SEQUENCES per forward on the naive path. Groups (sequences) are sorted by length
 first, so rows in a batch pad little and an out-of-memory error shows up in the first
 batch; results come back in input order.
 
+Collaborative item tokens (:mod:`prefrec.item_tokens`): when the model carries an item
+projector, every ``<Title:X>`` of a prompt is followed by a virtual token with a negative
+id; the decoder then takes ``inputs_embeds`` (token embeddings, the projector's output at
+virtual positions) on both paths, and the trie shares a virtual token like any other.
+
 ``shared_prefix=False`` is the naive reference: every sequence alone, right-padded, through
 ``model(...)`` with its full-vocabulary logits -- what TRL's DPO trainer does. Tests check
 the shared path against it.
@@ -67,7 +72,7 @@ the shared path against it.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -116,19 +121,26 @@ def tokenize_items(
     *,
     add_eos: bool = True,
     max_length: int | None = None,
+    item_rows: Callable[[str], int] | None = None,
 ) -> list[TokenizedItem]:
     """Tokenise prompts (with special tokens) and completions (without) separately, TRL-style.
 
     Each distinct text is tokenised once. When ``max_length`` is set and a sequence is longer,
     the prompt loses tokens from its START (the completion and the end of the prompt, which
     names the candidates, are kept); a completion that alone does not fit raises ValueError.
+    ``item_rows`` (title -> item-projector row): a virtual token ``-(row + 1)`` follows
+    each ``<Title:X>`` tag of a prompt (:mod:`prefrec.item_tokens`); the text's own tokens
+    stay as they are.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError("add_eos=True but the tokenizer has no eos_token_id")
-    prompt_ids = _tokenize_unique(tokenizer, prompts, add_special_tokens=True)
+    if item_rows is None:
+        prompt_ids = _tokenize_unique(tokenizer, prompts, add_special_tokens=True)
+    else:
+        prompt_ids = _tokenize_with_items(tokenizer, prompts, item_rows)
     completion_ids = _tokenize_unique(tokenizer, completions, add_special_tokens=False)
     items = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
@@ -158,6 +170,25 @@ def _tokenize_unique(tokenizer, texts: Sequence[str], *, add_special_tokens: boo
         return {}
     encoded = tokenizer(unique, add_special_tokens=add_special_tokens)["input_ids"]
     return {text: tuple(ids) for text, ids in zip(unique, encoded, strict=True)}
+
+
+def _tokenize_with_items(tokenizer, texts: Sequence[str], item_rows: Callable[[str], int]):
+    """Like :func:`_tokenize_unique` for prompts, with a virtual item token after each title tag."""
+    from prefrec.item_tokens import item_positions
+
+    unique = list(dict.fromkeys(texts))
+    if not unique:
+        return {}
+    encoded = tokenizer(unique, add_special_tokens=True, return_offsets_mapping=True)
+    out = {}
+    for text, ids, offsets in zip(unique, encoded["input_ids"], encoded["offset_mapping"],
+                                  strict=True):
+        ids = list(ids)
+        # Right to left, so earlier insertion points stay valid.
+        for index, title in reversed(item_positions(text, offsets)):
+            ids.insert(index, -(item_rows(title) + 1))
+        out[text] = tuple(ids)
+    return out
 
 
 def default_group_ids(prompts: Sequence[str]) -> list[int]:
@@ -333,6 +364,23 @@ def _layer_masks(base, segments, ancestors, positions, dtype):
     return masks
 
 
+def _decoder_inputs(base, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``input_ids``, or with virtual item tokens (negative ids) ``inputs_embeds``: the
+    token embeddings with the item projector's output at the virtual positions."""
+    from prefrec.item_tokens import item_projector_of
+
+    virtual = ids < 0
+    if not bool(virtual.any()):
+        return {"input_ids": ids}
+    projector = item_projector_of(base)
+    if projector is None:
+        raise ValueError("the prompts carry item tokens but the model has no item projector")
+    embeds = base.get_input_embeddings()(ids.clamp(min=0))
+    items = projector(-ids[virtual] - 1).to(embeds.dtype)
+    embeds = embeds.masked_scatter(virtual[..., None], items)  # keeps the projector's graph
+    return {"inputs_embeds": embeds}
+
+
 def _score_packed(model, groups: list[PackedGroup], pad_id: int):
     """Run one batch of packed groups; return (token log-probs, owner item of each)."""
     base = _base_model(model)
@@ -362,7 +410,8 @@ def _score_packed(model, groups: list[PackedGroup], pad_id: int):
     ids, positions = ids.to(device), positions.to(device)
     mask = _layer_masks(base, segments.to(device), ancestors.to(device), positions, head.dtype)
     hidden = base.get_decoder()(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+        **_decoder_inputs(base, ids), attention_mask=mask, position_ids=positions,
+        use_cache=False,
     ).last_hidden_state
     picked = hidden[torch.tensor(rows, device=device), torch.tensor(slots, device=device)]
     logps = _completion_logprobs(base, picked, torch.tensor(targets, device=device))
@@ -378,7 +427,8 @@ def _score_naive(model, items: list[TokenizedItem], indices: list[int], pad_id: 
     for b, i in enumerate(indices):
         ids[b, : len(items[i].ids)] = torch.tensor(items[i].ids)
         attention[b, : len(items[i].ids)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+    inputs = _decoder_inputs(_base_model(model), ids.to(device))
+    logits = model(**inputs, attention_mask=attention.to(device)).logits
     pieces, owners = [], []
     for b, i in enumerate(indices):
         item = items[i]
@@ -423,7 +473,11 @@ def score_completions(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if group_ids is not None and len(group_ids) != len(prompts):
         raise ValueError(f"got {len(group_ids)} group ids for {len(prompts)} prompts")
-    items = tokenize_items(tokenizer, prompts, completions, add_eos=add_eos, max_length=max_length)
+    from prefrec.item_tokens import item_projector_of
+
+    projector = item_projector_of(model)
+    items = tokenize_items(tokenizer, prompts, completions, add_eos=add_eos, max_length=max_length,
+                           item_rows=projector.row if projector is not None else None)
     device = _base_model(model).get_output_embeddings().weight.device
     n_tokens = torch.tensor([it.n_completion for it in items], dtype=torch.long, device=device)
     if not items:

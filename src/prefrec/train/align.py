@@ -420,6 +420,15 @@ def train_align(
         from prefrec.data.dmpo import require_pairwise, with_both_orders
 
         examples = with_both_orders(require_pairwise(examples, data_path, "--both-orders"))
+    from prefrec.item_tokens import attach_item_projector, build_projector, item_projector_of
+
+    # Item tokens: the SFT adapter's projector (the reference scores with it, the policy
+    # trains it further); a fresh one only when that chain has none.
+    projector = item_projector_of(reference)
+    if projector is None and cfg.item_embeddings != "none":
+        hidden = reference.get_input_embeddings().embedding_dim
+        projector = build_projector(examples, cfg.item_embeddings, hidden, cfg.seed)
+        attach_item_projector(reference, projector, trainable=False)
     from prefrec.data.lengths import LengthLimit, check_examples_fit  # states truncation
 
     check_examples_fit(examples, LengthLimit(tokenizer, template, cfg.max_length, "max_length"),
@@ -433,11 +442,16 @@ def train_align(
 
     # Seed before the LoRA A matrices are drawn (Trainer seeds only when it is built).
     set_seed(cfg.seed)
+    if projector is not None:
+        del reference.item_projector  # not a LoRA target ("all-linear" would wrap its MLP)
     policy = attach_lora(
         reference,
         LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                      target_modules=cfg.target_modules),
     )
+    if projector is not None:
+        # Trained from here on: the reference log-probs it shaped are already cached.
+        attach_item_projector(policy, projector, trainable=True)
     policy.train()
     units = None
     if cfg.pack_by_user:
@@ -472,6 +486,7 @@ def train_align(
         ),
         ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"],
         f"{cfg.loss.upper()} (K={cfg.negatives or 'all'}, beta={cfg.beta}, ftx={cfg.ftx})",
+        projector=projector,
     )
 
 

@@ -128,6 +128,31 @@ class JsonlLogCallback(TrainerCallback):
             append_jsonl(fh, row)
 
 
+class ItemProjectorCheckpoints(TrainerCallback):
+    """Save the item projector into every Trainer checkpoint: PEFT checkpoints hold only
+    the LoRA weights, and a resumed run must continue the projector it trained."""
+
+    def __init__(self, projector) -> None:
+        self.projector = projector
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            self.projector.save(folder)
+
+
+def restore_item_projector(projector, checkpoint: str) -> None:
+    """Load the projector weights a checkpoint holds into ``projector`` (in place)."""
+    from prefrec.errors import PrefrecError
+    from prefrec.item_tokens import ItemProjector
+
+    saved = ItemProjector.load(checkpoint)
+    if saved is None:
+        raise PrefrecError(f"{checkpoint}: checkpoint has no item projector (killed while "
+                           "saving?); delete that checkpoint folder and run again")
+    projector.load_state_dict(saved.state_dict())
+
+
 def save_config(cfg: Any, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
     """Write ``config.yaml`` (main process only)."""
     if not is_main_process():
@@ -237,13 +262,25 @@ def trim_log(log_path: Path, checkpoint: str | None) -> None:
 
 
 def train_and_save(
-    trainer, out_dir: Path, write_meta, curve_keys: list[str], title: str
+    trainer, out_dir: Path, write_meta, curve_keys: list[str], title: str, projector=None
 ) -> Path:
     """Resume from the last complete checkpoint (if any), train, then on the main process
-    save the final adapter atomically and plot the curves. Returns ``out_dir/adapter``."""
+    save the final adapter atomically and plot the curves. Returns ``out_dir/adapter``.
+
+    ``projector``: the item projector the run trains; checkpointed and restored with the
+    adapter, and saved into the final adapter folder."""
     resume = last_complete_checkpoint(out_dir)
     if trainer.is_world_process_zero():
         trim_log(out_dir / "log.jsonl", resume)
+    if projector is not None:
+        trainer.add_callback(ItemProjectorCheckpoints(projector))
+        if resume:
+            restore_item_projector(projector, resume)
+        meta = write_meta
+
+        def write_meta(folder: Path) -> None:
+            meta(folder)
+            projector.save(folder)
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)

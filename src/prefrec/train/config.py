@@ -53,6 +53,11 @@ class TrainConfig:
     )
     pack_size: int = _f(16, "with --pack-by-user: most examples (SFT pairs or preference "
                         "groups) in one packed row")
+    item_embeddings: str = _f(
+        "none", "none | bpr | sasrec: collaborative item tokens (LLaRA's hybrid items) after "
+        "every <Title:X> of a prompt, from a model fitted on this stage's training users; the "
+        "preference stage keeps training the SFT adapter's, and fits its own only without one"
+    )
     both_orders: bool = _f(
         False, "pairwise data: also train on every example with its two candidates listed "
         "the other way round (against position bias; twice the data)"
@@ -125,6 +130,11 @@ def add_align_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Build ``cls`` from parsed flags (fields absent from ``args`` keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    from prefrec.item_tokens import ITEM_SOURCES
+
+    if values.get("item_embeddings", "none") not in ITEM_SOURCES:
+        raise PrefrecError(f"--item-embeddings {values['item_embeddings']}: expected one of "
+                           f"{', '.join(ITEM_SOURCES)}")
     if values.get("pack_size") is not None and values["pack_size"] < 1:
         raise PrefrecError(f"--pack-size {values['pack_size']}: expected at least 1")
     if values.get("limit") is not None and values["limit"] < 1:

@@ -189,6 +189,13 @@ def train_sft(
             target_modules=cfg.target_modules,
         ),
     )
+    projector = None
+    if cfg.item_embeddings != "none":
+        from prefrec.item_tokens import attach_item_projector, build_projector
+
+        hidden = model.get_base_model().get_input_embeddings().embedding_dim
+        projector = build_projector(examples, cfg.item_embeddings, hidden, cfg.seed)
+        attach_item_projector(model, projector, trainable=True)
     model.train()
     from prefrec.data.lengths import LengthLimit, check_examples_fit  # states truncation
 
@@ -202,10 +209,11 @@ def train_sft(
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     common = {"model": model, "args": args, "callbacks": [JsonlLogCallback(out / "log.jsonl")]}
-    if cfg.pack_by_user:
-        units = user_packed_units(examples, pairs, cfg.pack_size)
-        log.info("SFT: %d pairs packed into %d rows (users, at most %d pairs each)",
-                 len(pairs), len(units), cfg.pack_size)
+    # Item tokens exist only on the scorer's path, so they take it even when not packing.
+    if cfg.pack_by_user or projector is not None:
+        units = user_packed_units(examples, pairs, cfg.pack_size if cfg.pack_by_user else 1)
+        log.info("SFT: %d pairs in %d rows (at most %d pairs each)",
+                 len(pairs), len(units), cfg.pack_size if cfg.pack_by_user else 1)
         trainer = PackedSFTTrainer(
             **common, train_dataset=units, data_collator=collate_packed_sft,
             processing_class=tokenizer, template=template, max_length=cfg.max_length,
@@ -222,6 +230,7 @@ def train_sft(
         lambda folder: write_adapter_meta(folder, model_name, [], template, {"stage": "sft"}),
         ["loss", "learning_rate", "grad_norm"],
         "SFT",
+        projector=projector,
     )
 
 

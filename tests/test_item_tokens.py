@@ -1,0 +1,145 @@
+"""Collaborative item tokens: the projector, the virtual tokens in the scorer, the stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prefrec.data.prompts import DOMAINS, model_input, pairwise_completion, pairwise_instruction
+from prefrec.errors import PrefrecError
+from prefrec.item_tokens import (
+    META_FILE,
+    WEIGHTS_FILE,
+    ItemProjector,
+    attach_item_projector,
+    item_positions,
+    item_projector_of,
+)
+from prefrec.model import load_for_scoring, model_fingerprint
+from prefrec.scoring import score_completions, tokenize_items
+from prefrec.train.align import train_align
+from prefrec.train.common import restore_item_projector
+from prefrec.train.config import AlignConfig, SFTConfig
+from prefrec.train.sft import train_sft
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+KEYS = ["toy story", "heat", "big"]
+
+
+def _projector(hidden: int, seed: int = 0) -> ItemProjector:
+    gen = torch.Generator().manual_seed(seed)
+    projector = ItemProjector(KEYS, torch.randn(3, 8, generator=gen), hidden, "bpr")
+    with torch.no_grad():
+        projector.unknown.copy_(torch.randn(8, generator=gen))
+    return projector
+
+
+def _group():
+    history = ["Toy Story (1995)", "Heat (1995)"]
+    prompts, completions = [], []
+    for first, second in (("Big (1988)", "Gigi (1958)"), ("Big (1988)", "Heat (1995)")):
+        prompt = model_input(pairwise_instruction(history, first, second, DOMAINS["movie"]))
+        prompts += [prompt, prompt]
+        completions += [pairwise_completion(first, second), pairwise_completion(second, first)]
+    return prompts, completions
+
+
+def test_projector_rows_unknown_items_and_round_trip(tmp_path):
+    projector = _projector(hidden=16)
+    assert projector.row("Heat (1995)") == 1  # item_key: no year, case-folded
+    assert projector.row("Gigi (1958)") == projector.unknown_row == 3  # cold: never an error
+    out = projector(torch.tensor([0, 3]))
+    assert out.shape == (2, 16)
+    projector.save(tmp_path)
+    assert json.loads((tmp_path / META_FILE).read_text())["keys"] == KEYS
+    again = ItemProjector.load(tmp_path)
+    torch.testing.assert_close(again(torch.tensor([0, 3])), out)
+    assert ItemProjector.load(tmp_path / "nothing") is None
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"torn")
+    with pytest.raises(PrefrecError, match="unreadable item projector"):
+        ItemProjector.load(tmp_path)
+
+
+def test_a_virtual_token_follows_every_title_tag(tiny_tokenizer):
+    prompts, completions = _group()
+    projector = _projector(hidden=8)
+    [item] = tokenize_items(tiny_tokenizer, prompts[:1], completions[:1],
+                            item_rows=projector.row)
+    [plain] = tokenize_items(tiny_tokenizer, prompts[:1], completions[:1])
+    virtual = [i for i in item.ids if i < 0]
+    # History (toy story, heat), then the candidates (big, gigi = unknown).
+    assert virtual == [-1, -2, -3, -(projector.unknown_row + 1)]
+    assert [i for i in item.ids if i >= 0] == list(plain.ids)  # the text's tokens unchanged
+    assert item.n_prompt == plain.n_prompt + 4
+    encoded = tiny_tokenizer(prompts[0], return_offsets_mapping=True)
+    for index, _ in item_positions(prompts[0], encoded["offset_mapping"]):
+        token = tiny_tokenizer.decode(encoded["input_ids"][index - 1])
+        assert ">" in token  # inserted right after the tag's closing bracket
+
+
+def test_item_tokens_score_the_same_shared_and_naive_and_train_the_projector(tiny_llama):
+    model, tok = tiny_llama
+    prompts, completions = _group()
+    text_only = score_completions(model, tok, prompts, completions).logps
+    projector = _projector(hidden=model.config.hidden_size)
+    attach_item_projector(model, projector, trainable=True)
+    assert item_projector_of(model) is projector
+    shared = score_completions(model, tok, prompts, completions, group_ids=[0] * 4, grad=True)
+    naive = score_completions(model, tok, prompts, completions, shared_prefix=False, grad=True)
+    torch.testing.assert_close(shared.logps, naive.logps, rtol=1e-4, atol=1e-4)
+    assert (shared.logps.detach() - text_only).abs().max() > 1e-3  # the items change the scores
+    shared.logps.sum().backward()
+    grads = {n: p.grad for n, p in projector.named_parameters()}
+    assert grads["unknown"] is not None and grads["unknown"].abs().sum() > 0  # Gigi is cold
+    assert grads["mlp.0.weight"].abs().sum() > 0
+    # Without a projector, prompts with virtual tokens are refused rather than misread.
+    del model.item_projector
+    items = tokenize_items(tok, prompts[:1], completions[:1], item_rows=projector.row)
+    from prefrec.scoring import _decoder_inputs
+
+    ids = torch.tensor([items[0].ids])
+    with pytest.raises(ValueError, match="no item projector"):
+        _decoder_inputs(model, ids)
+
+
+def test_sft_and_align_train_save_and_reload_the_projector(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
+    sft_cfg = SFTConfig(data="ml1m-sft", out=str(tmp_path / "sft"), limit=4, batch_size=2,
+                        max_steps=2, lr=1e-2, save_steps=1, item_embeddings="bpr")
+    sft = train_sft(sft_cfg, str(tiny_dir), "alpaca", dtype="float32", device="cpu")
+    trained = ItemProjector.load(sft)
+    assert trained is not None and trained.source == "bpr" and len(trained.keys) > 4
+    # Every checkpoint carries the projector, so a resumed run continues it.
+    checkpoints = sorted((tmp_path / "sft" / "checkpoints").iterdir())
+    assert checkpoints and all((c / WEIGHTS_FILE).is_file() for c in checkpoints)
+    fresh = ItemProjector(trained.keys, trained.vectors, trained.mlp[2].out_features, "bpr")
+    restore_item_projector(fresh, str(checkpoints[-1]))
+    torch.testing.assert_close(fresh.state_dict()["mlp.0.weight"],
+                               trained.state_dict()["mlp.0.weight"])
+
+    model, _ = load_for_scoring(str(tiny_dir), [sft])
+    loaded = item_projector_of(model)
+    assert loaded is not None and not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(loaded.state_dict()["mlp.2.weight"],
+                               trained.state_dict()["mlp.2.weight"])
+    with_projector = model_fingerprint(str(tiny_dir), [sft])
+    (sft / WEIGHTS_FILE).rename(tmp_path / "moved")
+    assert model_fingerprint(str(tiny_dir), [sft]) != with_projector  # part of the cache key
+    (tmp_path / "moved").rename(sft / WEIGHTS_FILE)
+
+    align_cfg = AlignConfig(data="ml1m-dpo-3", out=str(tmp_path / "dmpo"), sft=str(sft), limit=2,
+                            batch_size=2, max_steps=2, lr=1e-2, save_steps=1000)
+    aligned = train_align(align_cfg, str(tiny_dir), "alpaca", dtype="float32", device="cpu")
+    continued = ItemProjector.load(aligned)
+    assert continued is not None and continued.keys == trained.keys
+    assert not torch.equal(continued.state_dict()["mlp.0.weight"],
+                           trained.state_dict()["mlp.0.weight"])  # trained further
+    # The chain loads the newest projector, and a missing checkpoint copy is a clear error.
+    chained, _ = load_for_scoring(str(tiny_dir), [sft, aligned])
+    torch.testing.assert_close(item_projector_of(chained).state_dict()["mlp.0.weight"],
+                               continued.state_dict()["mlp.0.weight"])
+    with pytest.raises(PrefrecError, match="no item projector"):
+        restore_item_projector(fresh, str(tmp_path))
