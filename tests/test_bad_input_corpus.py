@@ -183,3 +183,19 @@ def test_the_reported_cases_exit_2_without_a_traceback(argv):
     assert "Traceback" not in res.stderr
     [line] = res.stderr.strip().splitlines()
     assert argv[-1] in line
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    (b'{"base_model": "x", "parents": ', "invalid JSON at line 1 column 32"),
+    (b'["not", "an", "object"]', "expected an object with a list of parents"),
+    (b'{"parents": "sft"}', "expected an object with a list of parents"),
+    (b'{"base_model": NaN}', "field 'base_model': NaN is not valid JSON"),
+], ids=["truncated", "a list", "parents a string", "NaN"])
+def test_a_broken_adapter_lineage_file_is_one_line(meta, message, tmp_path, tiny_dir, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "prefrec_adapter.json").write_bytes(meta)
+    line = refused(["rank", "--adapter", adapter, "--model", tiny_dir, "--history", "A",
+                    "--candidates", "B", "C"], capsys)
+    assert f"{adapter / 'prefrec_adapter.json'}: " in line and message in line

@@ -8,10 +8,10 @@ so ``prefrec eval --adapter runs/align`` needs no other flag.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefrec.data.reading import read_json_file
 from prefrec.errors import PrefrecError
 from prefrec.io import atomic_write_json
 
@@ -55,10 +55,9 @@ def adapter_chain(adapter_dir: str | Path | None, default_model: str) -> Adapter
     if not meta_path.is_file():
         # A plain PEFT adapter trained elsewhere: apply it alone to the given model.
         return AdapterChain(default_model, [adapter_dir])
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise PrefrecError(f"{meta_path}: invalid JSON ({err})") from None
+    meta = read_json_file(meta_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("parents", []), list):
+        raise PrefrecError(f"{meta_path}: expected an object with a list of parents")
     parents = [Path(p) for p in meta.get("parents", [])]
     for p in parents:
         if not (p / "adapter_config.json").is_file():

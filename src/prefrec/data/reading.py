@@ -202,6 +202,19 @@ def _undecodable(raw: bytes, path: Path, err: UnicodeDecodeError) -> DataError:
                      f"not valid UTF-8: byte 0x{raw[err.start]:02x} at byte offset {err.start}")
 
 
+def read_json_file(path: str | Path) -> Any:
+    """One JSON document from a file a user hands over (an adapter's lineage file): the
+    checks of :func:`decode_json`, plus a missing file and invalid UTF-8."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, None, f"not valid UTF-8: byte 0x{raw[err.start]:02x} at "
+                        f"byte offset {err.start}") from None
+    return decode_json(text, path, unit="file")
+
+
 def _refuse_empty(records: list[Any], path: Path) -> list[Any]:
     if not records:
         raise DataError(path, None, None, "no records: a dataset needs at least one")
