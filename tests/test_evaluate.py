@@ -226,3 +226,31 @@ def test_report_tables_mark_degenerate_models():
     assert "⚠" not in rows[1][column]
     [line] = degenerate_models(models)
     assert line.startswith("sft: degenerate ranking")
+
+
+def test_eval_states_a_cut_past_the_context_and_refuses_what_cannot_fit(
+    tiny_llama, tmp_path, caplog
+):
+    from prefrec.data.prompts import DOMAINS, pairwise_completion, pairwise_instruction
+    from prefrec.data.schema import PairwiseExample
+    from prefrec.errors import DataError
+
+    def example(history, first="Heat (1995)", second="Big (1988)"):
+        return PairwiseExample(
+            tuple(history), (first, second), 0,
+            pairwise_instruction(history, first, second, DOMAINS["movie"]),
+            pairwise_completion(first, second), pairwise_completion(second, first), "u")
+
+    model, tok = tiny_llama  # max_position_embeddings = 1024
+    long_history = [f"Movie number {i} (19{i % 100:02d})" for i in range(300)]
+    examples = [example(["Toy Story (1995)"]), example(long_history)]
+    with caplog.at_level("WARNING", logger="prefrec.data.lengths"):
+        result = ev.evaluate(model, tok, examples, tmp_path / "cut",
+                             _settings("pairwise", 2, None), batch_size=2, n_boot=10)
+    assert result["metrics"]["pairwise_accuracy"]["n"] == 2  # scored, not dropped
+    assert any("1 of 2 records are longer than the model's context of 1024" in r.getMessage()
+               for r in caplog.records)
+    huge = example(["Toy Story (1995)"], first="Heat " * 2000)
+    with pytest.raises(DataError, match="record 1.*leaving no room for the prompt"):
+        ev.evaluate(model, tok, [examples[0], huge], tmp_path / "unfit",
+                    _settings("pairwise", 2, None), batch_size=2, n_boot=10)

@@ -126,11 +126,13 @@ def _score_rows(
     batch_size: int,
     rows_path: Path,
     orders: str = "given",
+    max_length: int | None = None,
 ) -> list[dict[str, Any]]:
     """Score every selected example, appending one row each; skip rows already on disk.
 
     ``orders="both"`` also scores each pairwise example under the prompt that lists its
-    candidates the other way round (``*_swapped`` fields).
+    candidates the other way round (``*_swapped`` fields). ``max_length``: prompts of
+    longer sequences lose tokens from their start (the oldest history).
     """
     from tqdm.auto import tqdm
 
@@ -160,7 +162,8 @@ def _score_rows(
                     completions += outs
                     groups += [2 * i + v] * len(outs)
             scores = score_completions(
-                model, tokenizer, prompts, completions, group_ids=groups, batch_size=batch_size
+                model, tokenizer, prompts, completions, group_ids=groups, batch_size=batch_size,
+                max_length=max_length,
             )
             logps = scores.logps.tolist()
             ntok = scores.n_tokens.tolist()
@@ -403,16 +406,24 @@ def evaluate(
     notes = [f"data: {settings.data}", f"model: {settings.model}"]
     if settings.adapters:
         notes.append("adapters: " + ", ".join(settings.adapters))
+    # Sequences past the model's context would be scored at positions it never saw:
+    # state the cut (oldest history first) and refuse records that cannot fit at all.
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if context:
+        from prefrec.data.lengths import LengthLimit, check_examples_fit
+
+        check_examples_fit(examples,
+                           LengthLimit(tokenizer, settings.template, context), settings.data)
     if settings.task == "pairwise":
         rows = _score_rows(model, tokenizer, examples, indices, settings.template, batch_size,
-                           out / "scores.jsonl", orders=settings.orders)
+                           out / "scores.jsonl", orders=settings.orders, max_length=context)
         metrics.update(pairwise_metrics(rows, n_boot, settings.seed))
         if settings.orders == "both":
             notes.append("scores: sum of the log-probs under both candidate orders")
     else:
         if "likelihood" in settings.modes:
             rows = _score_rows(model, tokenizer, examples, indices, settings.template,
-                               batch_size, out / "scores.jsonl")
+                               batch_size, out / "scores.jsonl", max_length=context)
             metrics.update(selection_metrics(rows, n_boot, settings.seed))
         if "generate" in settings.modes:
             rows = _generate_rows(model, tokenizer, examples, indices, settings.template,
