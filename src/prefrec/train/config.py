@@ -81,6 +81,9 @@ class AlignConfig(TrainConfig):
     lr: float = _f(5e-5, "peak learning rate (cosine schedule)")
     epochs: float = _f(1.0, "training epochs")
     batch_size: int = _f(2, "preference groups per device per step")
+    pack_size: int = _f(4, "with --pack-by-user: most preference groups in one packed row "
+                        "(a row of 16 K=3 groups is ~3500 tokens, where the dense attention "
+                        "mask's quadratic cost outweighs the shared history: benchmarks/README.md)")
     resample_negatives: bool = _f(
         True, "selection data: resample the K negatives each epoch (else the first K)"
     )
