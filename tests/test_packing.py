@@ -108,6 +108,33 @@ def test_train_history_keeps_short_users_usable():
         DMPOConfig(train_history=0)
 
 
+def _liked_index(title: str) -> int:
+    return int(title.split(" Returns")[0].rsplit("-p", 1)[1])
+
+
+def test_train_block_gives_each_block_the_liked_items_just_before_it():
+    """train_block B: a target's history is the H liked items before its block of B, and
+    the pairs come B per history (so they still pack); valid / eval users unchanged."""
+    events = [e for u in "abcde" for e in user_events(u, 8, 6)]
+    log = make_log(events)
+    blocks = build_dmpo(log, dataclasses.replace(FIXED, train_block=2))
+    per_target = build_dmpo(log, dataclasses.replace(FIXED, train_history=None))
+    for ex in [*blocks.sft, *blocks.dpo[3]]:
+        i = _liked_index(ex.positive_title)
+        start = 3 + (i - 3) // 2 * 2  # blocks of 2 targets after the first 3 liked items
+        owner = ex.history[0].removeprefix("Title ").split("-")[0]
+        assert ex.history == tuple(f"Title {owner}-p{j}" for j in range(start - 3, start))
+    pairs_per_history: dict[tuple, int] = {}
+    for ex in blocks.sft:
+        pairs_per_history[(ex.user, ex.history)] = pairs_per_history.get((ex.user, ex.history), 0) + 1
+    # 6 pairs of a user from blocks of >= 6 (target, negative) combinations: 3 histories of 2.
+    assert len(blocks.sft) == 18 and sorted(pairs_per_history.values()) == [2] * 9
+    assert len(blocks.dpo[3]) == 3 * 3 * 3
+    assert blocks.valid == per_target.valid and blocks.eval == per_target.eval
+    with pytest.raises(ValueError, match="train_block"):
+        DMPOConfig(train_block=4)
+
+
 def test_pack_units_chunks_each_users_items_in_first_appearance_order():
     assert pack_units(["a", "b", "a", "a", "b", "c"], 2) == [[0, 2], [3], [1, 4], [5]]
     assert pack_units(["a", "a"], 16) == [[0, 1]]

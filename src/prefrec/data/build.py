@@ -68,6 +68,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-history", type=int, default=0,
                    help="training users: one fixed history, their first N liked items, with "
                         "targets drawn after it (for --pack-by-user training); 0 = off (default: 0)")
+    d.add_argument("--train-block", type=int, default=0,
+                   help="with --train-history: B targets per history, each block's history the "
+                        "N liked items just before it; 0 = one history, the first N (default: 0)")
     d.add_argument("--domain", default="movie", choices=sorted(DOMAINS),
                    help="prompt wording (default: movie)")
 
@@ -142,6 +145,7 @@ def build_files(args: argparse.Namespace) -> tuple[list[Path], dict]:
             eval_pairs_per_user=args.eval_pairs_per_user,
             max_history=args.max_history or None,
             train_history=args.train_history or None,
+            train_block=args.train_block or None,
             normalize_titles=args.normalize_titles,
             scale_down=args.scale_down,
             domain=args.domain,

@@ -40,6 +40,11 @@ and draws the targets of their pairs and groups from the liked items after it. E
 prompt of a training user then shares the history, so user-packed training
 (``pack_by_user`` in :mod:`prefrec.train.config`) runs it once for all of them. Valid and
 eval users keep the protocol above.
+``train_block`` = B cuts that timeline into blocks instead: block b's history is the H
+liked items just before it and its targets the next B liked items, so a target is at most
+B - 1 items past its history, near the eval protocol's "latest H before the target".
+Pairs and groups are then drawn block by block (B per block, blocks in random order), so
+a user's examples still share few histories and pack.
 
 S-DPO protocol (:class:`SDPOConfig`, :func:`build_sdpo`), candidate selection:
 
@@ -60,7 +65,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -190,6 +195,8 @@ class DMPOConfig:
             ``None`` keeps all (the released files' users have at most 40 events).
         train_history: training users' fixed history length (see the module docstring);
             ``None`` keeps the per-target histories of valid and eval users.
+        train_block: with ``train_history``, targets per fixed history block (see the
+            module docstring); ``None``: one history, the first H liked items.
         normalize_titles: pass every title through
             :func:`prefrec.data.titles.normalize_title` (no year, no trailing article).
         scale_down: shrink every split by one factor when too few users qualify, instead
@@ -213,6 +220,7 @@ class DMPOConfig:
     eval_pairs_per_user: int = 1
     max_history: int | None = None
     train_history: int | None = None
+    train_block: int | None = None
     normalize_titles: bool = False
     scale_down: bool = False
     domain: str = "movie"
@@ -243,6 +251,8 @@ class DMPOConfig:
             raise ValueError("max_history must be >= 1 (or None for the whole history)")
         if self.train_history is not None and self.train_history < 1:
             raise ValueError("train_history must be >= 1 (or None for per-target histories)")
+        if self.train_block is not None and (self.train_block < 1 or self.train_history is None):
+            raise ValueError("train_block must be >= 1 and needs train_history")
         if self.domain not in prompts.DOMAINS:
             raise ValueError(
                 f"unknown domain {self.domain!r}; choose from {', '.join(prompts.DOMAINS)}"
@@ -354,13 +364,36 @@ def _targets(u: _DMPOUser, config: DMPOConfig, split: str) -> list[tuple[int, tu
     """(target position, its history) for every liked item a user's pairs may target.
 
     Training users under ``train_history`` share one history, their first H liked items,
-    and target the items after it; everyone else targets ``positives[i]`` (i >= 1) with
-    the items before it (:func:`_history`).
+    and target the items after it (under ``train_block`` B: the H liked items before each
+    block of B targets); everyone else targets ``positives[i]`` (i >= 1) with the items
+    before it (:func:`_history`).
     """
     if config.train_history is not None and split in ("sft", "dpo"):
         h = min(config.train_history, len(u.positives) - 1)
-        return [(i, u.positives[:h]) for i in range(h, len(u.positives))]
+        if config.train_block is None:
+            return [(i, u.positives[:h]) for i in range(h, len(u.positives))]
+        b = config.train_block
+        return [(i, u.positives[i - (i - h) % b - h : i - (i - h) % b])
+                for i in range(h, len(u.positives))]
     return [(i, _history(u, i, config.max_history)) for i in range(1, len(u.positives))]
+
+
+def _sample_by_history(
+    histories: Sequence[tuple[str, ...]], n: int, per_history: int, rng: random.Random
+) -> list[int]:
+    """``n`` indices drawn ``per_history`` at a time from histories in random order
+    (fewer from one that has fewer): few distinct histories, so the rows pack."""
+    by_history: dict[tuple[str, ...], list[int]] = {}
+    for j, history in enumerate(histories):
+        by_history.setdefault(tuple(history), []).append(j)
+    blocks = list(by_history.values())
+    rng.shuffle(blocks)
+    picked: list[int] = []
+    for block in blocks:
+        picked += rng.sample(block, min(per_history, len(block), n - len(picked)))
+        if len(picked) == n:
+            break
+    return sorted(picked)
 
 
 def _data_rich_pairs(
@@ -380,7 +413,10 @@ def _data_rich_pairs(
         for negative in _usable_negatives(log, u, u.positives[i])
     ]
     if n != ALL_PAIRS and n < len(combos):
-        picked = sorted(rng.sample(range(len(combos)), n))
+        if config.train_block is not None and split in ("sft", "dpo"):
+            picked = _sample_by_history([c[1] for c in combos], n, config.train_block, rng)
+        else:
+            picked = sorted(rng.sample(range(len(combos)), n))
         combos = [combos[j] for j in picked]
     return [
         _pairwise(log, u.user, history, u.positives[i], neg, rng.random() < 0.5, domain, split)
@@ -398,7 +434,11 @@ def _data_rich_groups(
         (i, history) for i, history in _targets(u, config, "dpo")
         if len(_usable_negatives(log, u, u.positives[i])) >= config.max_negatives
     ]
-    picked = sorted(rng.sample(range(len(targets)), min(config.groups_per_user, len(targets))))
+    n = min(config.groups_per_user, len(targets))
+    if config.train_block is not None:
+        picked = _sample_by_history([t[1] for t in targets], n, config.train_block, rng)
+    else:
+        picked = sorted(rng.sample(range(len(targets)), n))
     groups = []
     for i, history in (targets[j] for j in picked):
         negatives = rng.sample(_usable_negatives(log, u, u.positives[i]), config.max_negatives)
