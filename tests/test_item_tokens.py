@@ -143,3 +143,38 @@ def test_sft_and_align_train_save_and_reload_the_projector(tiny_dir, tmp_path, m
                                continued.state_dict()["mlp.0.weight"])
     with pytest.raises(PrefrecError, match="no item projector"):
         restore_item_projector(fresh, str(tmp_path))
+
+
+def test_bpr_item_vectors_carry_the_item_bias_standardised(monkeypatch):
+    """The BPR bias b_i (how liked an item is across users) is a column of the item tokens'
+    input: without it the projector could not see the signal popularity baselines use."""
+    from prefrec.baselines.bpr import BPR
+    from prefrec.data.schema import PairwiseExample
+    from prefrec.item_tokens import fit_item_vectors
+
+    titles = [f"Movie {i} (1990)" for i in range(8)]
+    examples = []
+    for u in range(12):
+        history = [titles[(u + k) % 8] for k in range(3)]
+        liked, disliked = titles[(u + 3) % 8], titles[(u + 5) % 8]
+        examples.append(PairwiseExample(
+            history=tuple(history), candidates=(liked, disliked), positive=0,
+            prompt=pairwise_instruction(history, liked, disliked, DOMAINS["movie"]),
+            chosen=pairwise_completion(liked, disliked),
+            rejected=pairwise_completion(disliked, liked), user=f"u{u}"))
+    fitted = {}
+    real_fit = BPR.fit
+
+    def spy_fit(self, baskets, names, on_epoch=None):
+        real_fit(self, baskets, names, on_epoch)
+        fitted["bpr"] = self
+
+    monkeypatch.setattr(BPR, "fit", spy_fit)
+    keys, vectors = fit_item_vectors(examples, "bpr", seed=0)
+    bpr = fitted["bpr"]
+    assert keys == list(bpr.index.keys)
+    assert vectors.shape == (len(keys), bpr.items.shape[1] + 1)
+    torch.testing.assert_close(vectors.mean(0), torch.zeros(vectors.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vectors.std(0), torch.ones(vectors.shape[1]), atol=1e-4, rtol=0)
+    bias = (bpr.bias - bpr.bias.mean()) / bpr.bias.std()
+    torch.testing.assert_close(vectors[:, -1], bias, atol=1e-5, rtol=0)

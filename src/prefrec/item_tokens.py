@@ -111,7 +111,8 @@ class ItemProjector(nn.Module):
 
 def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[str], torch.Tensor]:
     """Item keys and vectors of a collaborative model fitted on ``examples`` (training
-    users only): BPR-MF's item factors or SASRec's item embeddings, default settings."""
+    users only), default settings: BPR-MF's item factors with its item bias as one more
+    column, or SASRec's item embeddings; every column standardised."""
     from prefrec.baselines.items import baskets_from_examples, item_titles
 
     baskets = baskets_from_examples(examples)
@@ -121,14 +122,23 @@ def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[s
 
         bpr = BPR(seed=seed)
         bpr.fit(baskets, titles)
-        return list(bpr.index.keys), bpr.items
+        # BPR scores p_u . q_i + b_i: the bias b_i carries how liked an item is across users,
+        # most of what separates a liked from a disliked candidate, so it rides along.
+        return list(bpr.index.keys), standardize_columns(torch.cat([bpr.items, bpr.bias[:, None]], 1))
     if source == "sasrec":
         from prefrec.baselines.sasrec import SASRec
 
         sasrec = SASRec(seed=seed)
         sasrec.fit(baskets, titles)
-        return list(sasrec.index.keys), sasrec.model.item_embeddings().detach()
+        return list(sasrec.index.keys), standardize_columns(sasrec.model.item_embeddings().detach())
     raise PrefrecError(f"item_embeddings {source!r}: expected one of {', '.join(ITEM_SOURCES)}")
+
+
+def standardize_columns(vectors: torch.Tensor) -> torch.Tensor:
+    """(v - mean) / std per column, so the projector's first layer sees unit-scale inputs
+    whatever the collaborative model's factor scale (BPR's init_std is 0.1)."""
+    vectors = vectors.float()
+    return (vectors - vectors.mean(0)) / vectors.std(0).clamp(min=1e-6)
 
 
 def build_projector(examples: Sequence, source: str, hidden_size: int, seed: int) -> ItemProjector:
