@@ -3,7 +3,9 @@
 Each ``--study CONFIG STUDY_JSON`` adds the models of the variants that only change how
 much a model trains on (pairs and groups per user, users, epochs; per LoRA rank and
 history protocol), placed at the training examples they saw. ``--baselines RESULTS:EXP``
-draws the classical baselines of a run's ``results.json`` (same eval users) as lines.
+draws the classical baselines of a run's ``results.json`` (same eval users) as lines;
+``--baseline-curve SFT_PAIRS FOLDER`` (repeated) draws ``prefrec baselines`` runs on
+training sets of several sizes as curves, at the SFT pairs of the files they trained on.
 
     python scripts/learning_curve.py \\
         --study configs/quality-study.yaml results/quality/study.json \\
@@ -19,7 +21,12 @@ import json
 from pathlib import Path
 
 from prefrec.io import atomic_write_json
-from prefrec.study import learning_curve_plot, learning_curve_points, load_study
+from prefrec.study import (
+    baseline_curve_points,
+    learning_curve_plot,
+    learning_curve_points,
+    load_study,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", nargs=2, action="append", metavar=("CONFIG", "STUDY_JSON"),
                         required=True)
     parser.add_argument("--baselines", default=None, help="results.json:experiment")
+    parser.add_argument("--baseline-curve", nargs=2, action="append", default=[],
+                        metavar=("SFT_PAIRS", "FOLDER"),
+                        help="a `prefrec baselines --out` folder trained on SFT_PAIRS pairs")
     parser.add_argument("--out", type=Path, required=True, help="PNG; the points go beside it")
     args = parser.parse_args(argv)
     points, metric = [], "pairwise_accuracy"
@@ -44,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         models = json.loads(Path(path).read_text(encoding="utf-8"))["experiments"][exp]["models"]
         baselines = {name: e["metrics"][metric]["value"] for name, e in models.items()
                      if e["kind"] == "baseline"}
+    points += baseline_curve_points({int(n): Path(f) for n, f in args.baseline_curve}, metric)
     learning_curve_plot(points, baselines, args.out, metric)
     atomic_write_json(args.out.with_suffix(".json"), {"points": points, "baselines": baselines})
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({len(points)} points)")

@@ -247,3 +247,28 @@ def test_learning_curve_keeps_size_variants_and_draws_a_png(tiny_dir, tmp_path):
     assert learning_curve_plot(points, {"itemknn": 0.69}, png, "pairwise_accuracy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not learning_curve_plot([], {}, tmp_path / "none.png", "pairwise_accuracy")
+
+
+def test_baseline_curve_points_read_baseline_runs_per_training_size(tmp_path):
+    from prefrec.study import baseline_curve_points, learning_curve_plot
+
+    def method(folder, name, value):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "metrics.json").write_text(json.dumps({
+            "settings": {"task": "pairwise"}, "wall_time_s": 1.0, "metrics": {
+                "pairwise_accuracy": {"value": value, "ci_low": value - 0.04,
+                                      "ci_high": value + 0.04, "n": 600}}}))
+
+    small, big = tmp_path / "1x", tmp_path / "4x"
+    method(small, "itemknn", 0.69)
+    method(small, "popularity", 0.61)
+    method(big, "itemknn", 0.71)
+    (big / "popularity").mkdir()  # unfinished: no metrics.json, so no point
+    points = baseline_curve_points({4816: big, 1204: small}, "pairwise_accuracy")
+    assert [(p["series"], p["examples"], p["value"]) for p in points] == [
+        ("itemknn", 1204, 0.69), ("popularity", 1204, 0.61), ("itemknn", 4816, 0.71)]
+    assert all(p["baseline"] and p["stage"] == "sft" for p in points)
+    assert baseline_curve_points({1204: small}, "hit_ratio@1") == []
+    png = tmp_path / "curve.png"
+    assert learning_curve_plot(points, {}, png, "pairwise_accuracy")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -362,10 +362,32 @@ def learning_curve_points(study: dict[str, Any], rows: list[dict[str, Any]],
     return points
 
 
+def baseline_curve_points(folders: dict[int, Path], metric: str) -> list[dict[str, Any]]:
+    """Classical baselines trained on data of several sizes, as learning-curve points.
+
+    ``folders`` maps the SFT pairs of a training set to a ``prefrec baselines --out``
+    folder run on it (one ``<method>/metrics.json`` each), so the baselines' values can be
+    drawn at the same x as the language models trained on the same files."""
+    from prefrec.report import model_entry
+
+    points = []
+    for examples, folder in sorted(folders.items()):
+        for method_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
+            entry = model_entry(method_dir, "baseline", Path(folder))
+            if entry is None or metric not in entry["metrics"]:
+                continue
+            m = entry["metrics"][metric]
+            points.append({"stage": "sft", "series": method_dir.name, "examples": examples,
+                           "name": metric, "value": m["value"], "ci_low": m["ci_low"],
+                           "ci_high": m["ci_high"], "n": m["n"], "baseline": True})
+    return points
+
+
 def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float],
                         path: Path, metric: str) -> bool:
     """Validation metric (95% CI) against training examples seen, one panel per stage and
-    one line per series, with the baselines' values as horizontal lines."""
+    one line per series, with the baselines' values as horizontal lines. Points marked
+    ``baseline`` (:func:`baseline_curve_points`) are drawn as grey dashed curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,7 +407,9 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
             xs = [p["examples"] for p in pts]
             ys = [p["value"] for p in pts]
             err = [[p["value"] - p["ci_low"] for p in pts], [p["ci_high"] - p["value"] for p in pts]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=series)
+            style = ({"color": "#555555", "linestyle": "--", "marker": "s", "alpha": 0.8}
+                     if pts[0].get("baseline") else {"marker": "o"})
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=series, **style)
         for (name, value), style in zip(baselines.items(), (":", "--", "-."), strict=False):
             ax.axhline(value, color="#777777", linestyle=style, linewidth=1,
                        label=f"{name} {value:.3f}")
