@@ -178,3 +178,42 @@ def test_bpr_item_vectors_carry_the_item_bias_standardised(monkeypatch):
     torch.testing.assert_close(vectors.std(0), torch.ones(vectors.shape[1]), atol=1e-4, rtol=0)
     bias = (bpr.bias - bpr.bias.mean()) / bpr.bias.std()
     torch.testing.assert_close(vectors[:, -1], bias, atol=1e-5, rtol=0)
+
+
+def test_item_token_ablation_scores_with_the_item_table_shuffled(tiny_dir, tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.evaluate import run_eval
+
+    monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location(
+        "item_token_ablation", Path(__file__).parents[1] / "scripts" / "item_token_ablation.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cfg = SFTConfig(data="ml1m-sft", out=str(tmp_path / "sft"), limit=8, batch_size=2,
+                    max_steps=3, lr=5e-2, save_steps=100, item_embeddings="bpr")
+    sft = train_sft(cfg, str(tiny_dir), "alpaca", dtype="float32", device="cpu")
+    data = str(resolve_dataset("ml1m-sft"))
+    reference, _ = run_eval(data, tmp_path / "trained", model=str(tiny_dir), adapter=str(sft),
+                            limit=6, seed=0, dtype="float32", orders="both")
+    out = tmp_path / "shuffled"
+    script.main(["--adapter", str(sft), "--data", data, "--reference", str(reference),
+                 "--out", str(out), "--model", str(tiny_dir), "--limit", "6",
+                 "--dtype", "float32"])
+    result = json.loads((out / "ablation.json").read_text())
+    assert result["n"] == 6 and 0.0 <= result["agreement"] <= 1.0
+    trained = [json.loads(line) for line in (reference / "scores.jsonl").read_text().splitlines()]
+    shuffled = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in trained] == [r["index"] for r in shuffled]
+    # Other items' vectors behind the titles change the log-probs: the table is really used.
+    assert any(abs(a["chosen_logp"] - b["chosen_logp"]) > 1e-6
+               for a, b in zip(trained, shuffled, strict=True))
+    plain = Path(shutil.copytree(sft, tmp_path / "plain"))
+    (plain / WEIGHTS_FILE).unlink()
+    (plain / META_FILE).unlink()
+    with pytest.raises(SystemExit, match="no item projector"):
+        script.main(["--adapter", str(plain), "--data", data, "--reference", str(reference),
+                     "--out", str(tmp_path / "none"), "--model", str(tiny_dir)])
