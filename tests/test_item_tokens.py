@@ -217,3 +217,38 @@ def test_item_token_ablation_scores_with_the_item_table_shuffled(tiny_dir, tmp_p
     with pytest.raises(SystemExit, match="no item projector"):
         script.main(["--adapter", str(plain), "--data", data, "--reference", str(reference),
                      "--out", str(tmp_path / "none"), "--model", str(tiny_dir)])
+
+
+def test_item_projector_lr_gives_the_projector_its_own_learning_rate(tiny_dir, tmp_path,
+                                                                    monkeypatch):
+    """item_projector_lr=0 freezes the projector in effect while LoRA trains at lr; without
+    it the projector trains at lr like everything else."""
+    from safetensors.torch import load_file
+
+    from prefrec.item_tokens import build_projector
+    from prefrec.train.common import move_to_own_group
+
+    monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([{"params": [a, b], "weight_decay": 0.1}], lr=1e-3)
+    move_to_own_group(opt, [b], lr=5e-2, weight_decay=0.0)
+    assert [[p is a for p in g["params"]] for g in opt.param_groups] == [[True], [False]]
+    assert opt.param_groups[1]["lr"] == 5e-2 and opt.param_groups[0]["lr"] == 1e-3
+
+    from prefrec.data.formats import load_examples
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.model import load
+
+    examples = load_examples(resolve_dataset("ml1m-sft"))[:6]
+    hidden = load(str(tiny_dir), dtype="float32")[0].get_input_embeddings().embedding_dim
+    initial = build_projector(examples, "bpr", hidden, 42).state_dict()["mlp.0.weight"]
+
+    def trained_weight(name, projector_lr):
+        cfg = SFTConfig(data="ml1m-sft", out=str(tmp_path / name), limit=6, batch_size=2,
+                        max_steps=2, lr=5e-2, save_steps=100, warmup_ratio=0.0,
+                        item_embeddings="bpr", item_projector_lr=projector_lr)
+        adapter = train_sft(cfg, str(tiny_dir), "alpaca", dtype="float32", device="cpu")
+        return load_file(str(adapter / WEIGHTS_FILE))["mlp.0.weight"]
+
+    torch.testing.assert_close(trained_weight("frozen", 0.0), initial)
+    assert not torch.allclose(trained_weight("shared", None), initial)

@@ -39,6 +39,7 @@ from prefrec.data.schema import (
     selection_to_group,
 )
 from prefrec.errors import PrefrecError
+from prefrec.train.common import ItemProjectorLr
 from prefrec.train.config import AlignConfig, config_from_args
 from prefrec.train.distributed import forward_through, is_main_process, sum_across_processes
 
@@ -270,7 +271,7 @@ def collate_groups(
             "ref_rejected": ref_rejected, "mask": mask}
 
 
-class AlignTrainer(Trainer):
+class AlignTrainer(ItemProjectorLr, Trainer):
     """``Trainer`` whose loss is a multi-negative preference loss on shared-prefix scores."""
 
     def __init__(self, *args, align: AlignConfig, template: str, **kwargs) -> None:
@@ -477,6 +478,7 @@ def train_align(
         align=cfg,
         template=template,
     )
+    trainer.projector_lr = cfg.item_projector_lr
     return train_and_save(
         trainer,
         out,

@@ -128,6 +128,33 @@ class JsonlLogCallback(TrainerCallback):
             append_jsonl(fh, row)
 
 
+def move_to_own_group(optimizer, params: Sequence, **settings: Any) -> None:
+    """Take ``params`` out of the optimizer's parameter groups into one group of their
+    own with ``settings`` (e.g. ``lr``). Before the first step and before the scheduler
+    is built, so the schedule scales that group's ``lr`` like every other group's."""
+    ids = {id(p) for p in params}
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    optimizer.add_param_group({"params": list(params), **settings})
+
+
+class ItemProjectorLr:
+    """Trainer mixin: with ``projector_lr`` set, the item projector's parameters get that
+    peak learning rate in a parameter group of their own (the LoRA weights keep ``lr``)."""
+
+    projector_lr: float | None = None
+
+    def create_optimizer(self, model=None):
+        from prefrec.item_tokens import item_projector_of
+
+        optimizer = super().create_optimizer(model)
+        projector = item_projector_of(self.model)
+        if self.projector_lr is not None and projector is not None:
+            move_to_own_group(optimizer, [p for p in projector.parameters() if p.requires_grad],
+                              lr=self.projector_lr, weight_decay=self.args.weight_decay)
+        return optimizer
+
+
 class ItemProjectorCheckpoints(TrainerCallback):
     """Save the item projector into every Trainer checkpoint: PEFT checkpoints hold only
     the LoRA weights, and a resumed run must continue the projector it trained."""

@@ -58,6 +58,10 @@ class TrainConfig:
         "every <Title:X> of a prompt, from a model fitted on this stage's training users; the "
         "preference stage keeps training the SFT adapter's, and fits its own only without one"
     )
+    item_projector_lr: float | None = _f(
+        None, "with --item-embeddings: the item projector's peak learning rate (default: "
+        "--lr); a fresh projector learns only through the few completion tokens that rank"
+    )
     both_orders: bool = _f(
         False, "pairwise data: also train on every example with its two candidates listed "
         "the other way round (against position bias; twice the data)"

@@ -19,6 +19,7 @@ from transformers import Trainer
 from prefrec.data.prompts import model_input
 from prefrec.data.schema import PairwiseExample, SelectionExample
 from prefrec.errors import PrefrecError
+from prefrec.train.common import ItemProjectorLr
 from prefrec.train.config import SFTConfig, config_from_args
 from prefrec.train.distributed import is_main_process
 
@@ -98,7 +99,7 @@ def collate_packed_sft(batch: list[dict[str, list[tuple[str, str]]]]) -> dict[st
     }
 
 
-class PackedSFTTrainer(Trainer):
+class PackedSFTTrainer(ItemProjectorLr, Trainer):
     """``Trainer`` whose SFT loss scores a user's completions in one packed row.
 
     The row is [history | suffix_1 | ... | suffix_m] under the scorer's block attention
@@ -218,6 +219,7 @@ def train_sft(
             **common, train_dataset=units, data_collator=collate_packed_sft,
             processing_class=tokenizer, template=template, max_length=cfg.max_length,
         )
+        trainer.projector_lr = cfg.item_projector_lr
     else:
         feats = sft_features(tokenizer, pairs, template, cfg.max_length)
         trainer = Trainer(
