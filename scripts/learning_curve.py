@@ -5,7 +5,9 @@ much a model trains on (pairs and groups per user, users, epochs; per LoRA rank 
 history protocol), placed at the training examples they saw. ``--baselines RESULTS:EXP``
 draws the classical baselines of a run's ``results.json`` (same eval users) as lines;
 ``--baseline-curve SFT_PAIRS FOLDER`` (repeated) draws ``prefrec baselines`` runs on
-training sets of several sizes as curves, at the SFT pairs of the files they trained on.
+training sets of several sizes as curves, at the SFT pairs of the files they trained on;
+``--eval-point STAGE SERIES EXAMPLES FOLDER`` adds one evaluation folder of a model
+trained outside a finished study.
 
     python scripts/learning_curve.py \\
         --study configs/quality-study.yaml results/quality/study.json \\
@@ -23,6 +25,7 @@ from pathlib import Path
 from prefrec.io import atomic_write_json
 from prefrec.study import (
     baseline_curve_points,
+    eval_curve_point,
     learning_curve_plot,
     learning_curve_points,
     load_study,
@@ -32,11 +35,14 @@ from prefrec.study import (
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", nargs=2, action="append", metavar=("CONFIG", "STUDY_JSON"),
-                        required=True)
+                        default=[])
     parser.add_argument("--baselines", default=None, help="results.json:experiment")
     parser.add_argument("--baseline-curve", nargs=2, action="append", default=[],
                         metavar=("SFT_PAIRS", "FOLDER"),
                         help="a `prefrec baselines --out` folder trained on SFT_PAIRS pairs")
+    parser.add_argument("--eval-point", nargs=4, action="append", default=[],
+                        metavar=("STAGE", "SERIES", "EXAMPLES", "FOLDER"),
+                        help="an eval folder (sft|align stage) at EXAMPLES examples seen")
     parser.add_argument("--out", type=Path, required=True, help="PNG; the points go beside it")
     args = parser.parse_args(argv)
     points, metric = [], "pairwise_accuracy"
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         models = json.loads(Path(path).read_text(encoding="utf-8"))["experiments"][exp]["models"]
         baselines = {name: e["metrics"][metric]["value"] for name, e in models.items()
                      if e["kind"] == "baseline"}
+    points += [eval_curve_point(Path(folder), stage, series, int(n), metric)
+               for stage, series, n, folder in args.eval_point]
     points += baseline_curve_points({int(n): Path(f) for n, f in args.baseline_curve}, metric)
     learning_curve_plot(points, baselines, args.out, metric)
     atomic_write_json(args.out.with_suffix(".json"), {"points": points, "baselines": baselines})

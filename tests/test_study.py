@@ -269,6 +269,14 @@ def test_baseline_curve_points_read_baseline_runs_per_training_size(tmp_path):
         ("itemknn", 1204, 0.69), ("popularity", 1204, 0.61), ("itemknn", 4816, 0.71)]
     assert all(p["baseline"] and p["stage"] == "sft" for p in points)
     assert baseline_curve_points({1204: small}, "hit_ratio@1") == []
+    from prefrec.errors import PrefrecError
+    from prefrec.study import eval_curve_point
+
+    point = eval_curve_point(big / "itemknn", "sft", "sft r16 blocks", 4460, "pairwise_accuracy")
+    assert (point["series"], point["examples"], point["value"], point["n"]) == (
+        "sft r16 blocks", 4460, 0.71, 600)
+    with pytest.raises(PrefrecError, match="no finished evaluation"):
+        eval_curve_point(big / "popularity", "sft", "x", 1, "pairwise_accuracy")
     png = tmp_path / "curve.png"
     assert learning_curve_plot(points, {}, png, "pairwise_accuracy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -362,6 +362,20 @@ def learning_curve_points(study: dict[str, Any], rows: list[dict[str, Any]],
     return points
 
 
+def eval_curve_point(folder: Path, stage: str, series: str, examples: int,
+                     metric: str) -> dict[str, Any]:
+    """One evaluation folder (``metrics.json``) as a learning-curve point: for models
+    trained outside a finished study (a variant stopped after its SFT stage)."""
+    from prefrec.report import model_entry
+
+    entry = model_entry(Path(folder), "llm", Path(folder))
+    if entry is None or metric not in entry["metrics"]:
+        raise PrefrecError(f"{folder}: no finished evaluation with {metric}")
+    m = entry["metrics"][metric]
+    return {"stage": stage, "series": series, "examples": examples, "name": metric,
+            "value": m["value"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "n": m["n"]}
+
+
 def baseline_curve_points(folders: dict[int, Path], metric: str) -> list[dict[str, Any]]:
     """Classical baselines trained on data of several sizes, as learning-curve points.
 
@@ -387,7 +401,8 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
                         path: Path, metric: str) -> bool:
     """Validation metric (95% CI) against training examples seen, one panel per stage and
     one line per series, with the baselines' values as horizontal lines. Points marked
-    ``baseline`` (:func:`baseline_curve_points`) are drawn as grey dashed curves."""
+    ``baseline`` (:func:`baseline_curve_points`) are drawn as grey curves, one line style
+    each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,19 +417,26 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
     titles = {"sft": "SFT: pairs seen", "align": "preference stage: groups seen"}
     for ax, stage in zip(axes[0], stages, strict=True):
         mine = [p for p in points if p["stage"] == stage]
+        baseline_styles = iter([("#333333", "--", "s"), ("#777777", ":", "D"),
+                                ("#aaaaaa", "-.", "^")] * 4)
         for series in dict.fromkeys(p["series"] for p in mine):
             pts = sorted((p for p in mine if p["series"] == series), key=lambda p: p["examples"])
             xs = [p["examples"] for p in pts]
             ys = [p["value"] for p in pts]
             err = [[p["value"] - p["ci_low"] for p in pts], [p["ci_high"] - p["value"] for p in pts]]
-            style = ({"color": "#555555", "linestyle": "--", "marker": "s", "alpha": 0.8}
-                     if pts[0].get("baseline") else {"marker": "o"})
+            style = {"marker": "o"}
+            if pts[0].get("baseline"):
+                color, line, marker = next(baseline_styles)
+                style = {"color": color, "linestyle": line, "marker": marker}
             ax.errorbar(xs, ys, yerr=err, capsize=3, label=series, **style)
         for (name, value), style in zip(baselines.items(), (":", "--", "-."), strict=False):
             ax.axhline(value, color="#777777", linestyle=style, linewidth=1,
                        label=f"{name} {value:.3f}")
         ax.set_xscale("log")
-        ticks = sorted({p["examples"] for p in mine})
+        ticks: list[float] = []
+        for t in sorted({p["examples"] for p in mine}):
+            if not ticks or t > ticks[-1] * 1.25:  # labels of near-equal counts overlap
+                ticks.append(t)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel(titles[stage] + " (log scale)")
