@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--orders", default="both", choices=("given", "both"))
     args = p.parse_args(argv)
 
+    if not (args.reference / "metrics.json").is_file():
+        raise SystemExit(f"{args.reference}: no metrics.json (has that evaluation finished?)")
     model, tokenizer = load_for_scoring(args.model, args.adapter, dtype=args.dtype)
     projector = item_projector_of(model)
     if projector is None:

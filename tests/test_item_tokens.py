@@ -214,6 +214,9 @@ def test_item_token_ablation_scores_with_the_item_table_shuffled(tiny_dir, tmp_p
     plain = Path(shutil.copytree(sft, tmp_path / "plain"))
     (plain / WEIGHTS_FILE).unlink()
     (plain / META_FILE).unlink()
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        script.main(["--adapter", str(sft), "--data", data, "--reference", str(tmp_path),
+                     "--out", str(tmp_path / "early"), "--model", str(tiny_dir)])
     with pytest.raises(SystemExit, match="no item projector"):
         script.main(["--adapter", str(plain), "--data", data, "--reference", str(reference),
                      "--out", str(tmp_path / "none"), "--model", str(tiny_dir)])
