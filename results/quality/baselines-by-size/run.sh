@@ -8,3 +8,8 @@ for spec in "1x 2 1 popularity,itemknn,bpr" "4x 8 4 popularity,itemknn,bpr" "16x
     $P baselines --train $d/ml100k_sft_ranking.json $d/ml100k_dpo_ranking_5.json --eval $d/ml100k_${split}_ranking.json --methods $4 --seed 0 --out /work/bl/s0-$1-$split --n-boot 1000
   done
 done
+# then BPR-MF on the 16x build (710-721 s each, the two in parallel):
+d=/work/bl/data-16x
+for split in valid eval; do
+  $P baselines --train $d/ml100k_sft_ranking.json $d/ml100k_dpo_ranking_5.json --eval $d/ml100k_${split}_ranking.json --methods bpr --seed 0 --out /work/bl/s0-16x-$split --n-boot 1000
+done
