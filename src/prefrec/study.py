@@ -371,7 +371,13 @@ def eval_curve_point(folder: Path, stage: str, series: str, examples: int,
     entry = model_entry(Path(folder), "llm", Path(folder))
     if entry is None or metric not in entry["metrics"]:
         raise PrefrecError(f"{folder}: no finished evaluation with {metric}")
-    m = entry["metrics"][metric]
+    return _curve_point(entry["metrics"], metric, stage, series, examples)
+
+
+def _curve_point(metrics: dict[str, Any], metric: str, stage: str, series: str,
+                 examples: int) -> dict[str, Any]:
+    """One metric of an evaluation's ``metrics`` (value, 95% CI, n) placed on the curve."""
+    m = metrics[metric]
     return {"stage": stage, "series": series, "examples": examples, "name": metric,
             "value": m["value"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "n": m["n"]}
 
@@ -390,10 +396,8 @@ def baseline_curve_points(folders: dict[int, Path], metric: str) -> list[dict[st
             entry = model_entry(method_dir, "baseline", Path(folder))
             if entry is None or metric not in entry["metrics"]:
                 continue
-            m = entry["metrics"][metric]
-            points.append({"stage": "sft", "series": method_dir.name, "examples": examples,
-                           "name": metric, "value": m["value"], "ci_low": m["ci_low"],
-                           "ci_high": m["ci_high"], "n": m["n"], "baseline": True})
+            points.append({**_curve_point(entry["metrics"], metric, "sft", method_dir.name,
+                                          examples), "baseline": True})
     return points
 
 
