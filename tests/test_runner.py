@@ -36,7 +36,7 @@ def _tiny_config(tiny_dir: Path, shared_data: Path, out: Path) -> dict:
                          "eval": "ml1m-eval", "audit": ["ml1m-sft", "ml1m-eval"]}],
         "sft": {"limit": 4, "max_steps": 2, "batch_size": 2, "lora_r": 4, "lora_alpha": 8,
                 "save_steps": 100},
-        "align": {"losses": ["dmpo"], "negatives": [1, 2], "limit": 4, "max_steps": 2,
+        "align": {"losses": ["dmpo", "dpo"], "negatives": [1, 2], "limit": 4, "max_steps": 2,
                   "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "save_steps": 100},
         "eval": {"limit": 12, "batch_size": 4, "n_boot": 200},
         "significance": {"n_boot": 200},
@@ -226,7 +226,12 @@ def test_run_trains_and_evaluates_every_model_and_writes_the_report(tiny_run):
     results = json.loads((out / "results.json").read_text())
     exp = results["experiments"]["ml1m"]
     assert exp["task"] == "pairwise"
-    assert list(exp["models"]) == ["zero-shot", "sft", "dmpo-k1", "dmpo-k2"]
+    assert list(exp["models"]) == ["zero-shot", "sft", "dmpo-k1", "dpo-k1", "dmpo-k2", "dpo-k2"]
+    # At K=1 DPO is DMPO: trained and scored once, reported as the same model.
+    assert exp["models"]["dpo-k1"]["same_as"] == "dmpo-k1"
+    assert exp["models"]["dpo-k1"]["dir"] == exp["models"]["dmpo-k1"]["dir"]
+    assert not (out / "ml1m" / "dpo-k1").exists()
+    assert "same_as" not in exp["models"]["dpo-k2"]
     for label, entry in exp["models"].items():
         assert entry["metrics"]["pairwise_accuracy"]["n"] == 12, label
     # every model scored the same 12 eval pairs
@@ -242,17 +247,19 @@ def test_run_trains_and_evaluates_every_model_and_writes_the_report(tiny_run):
     sig = exp["significance"]
     assert [r["versus"] for r in sig] == ["sft", "zero-shot"]
     assert all(0 < r["p_bootstrap"] <= 1 and 0 < r["p_mcnemar"] <= 1 for r in sig)
-    assert set(exp["ablation"]["dmpo"]) == {"1", "2"}
+    assert set(exp["ablation"]["dmpo"]) == set(exp["ablation"]["dpo"]) == {"1", "2"}
     for name in ("ml1m_bars.png", "ml1m_curves.png", "ml1m_ablation.png"):
         assert (out / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "| dmpo-k2 | llm |" in md and "figures/ml1m_bars.png" in md
+    assert "| dpo-k1 (= dmpo-k1) | llm |" in md
     assert md.count("Data audit") == 1 and "p (McNemar)" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # self-contained
     stages = [json.loads(x)["stage"] for x in (out / "stages.jsonl").read_text().splitlines()]
     assert stages == ["ml1m/audit", "ml1m/eval/zero-shot", "ml1m/sft", "ml1m/eval/sft",
-                      "ml1m/dmpo-k1", "ml1m/eval/dmpo-k1", "ml1m/dmpo-k2", "ml1m/eval/dmpo-k2"]
+                      "ml1m/dmpo-k1", "ml1m/eval/dmpo-k1", "ml1m/dmpo-k2", "ml1m/eval/dmpo-k2",
+                      "ml1m/dpo-k2", "ml1m/eval/dpo-k2"]
     assert results["versions"]["torch"] == torch.__version__.split("+")[0] or \
         results["versions"]["torch"].startswith(torch.__version__.split("+")[0])
 

@@ -203,6 +203,12 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "sdpo": sdpo_loss,
 }
 
+# With one negative (K = 1) these are one objective, -log sigmoid(r_w - r_l): the mean of
+# one pair loss, the mean of one reward and the logsumexp of one gap all reduce to it. The
+# same data and seed then train the same adapter, so the runner trains and scores it once
+# (prefrec.runner.model_aliases).
+SAME_AT_ONE_NEGATIVE = frozenset({"dpo", "dmpo", "sdpo"})
+
 
 @dataclass(frozen=True)
 class CombinedLossOutput:

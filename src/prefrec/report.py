@@ -131,7 +131,7 @@ def _significance(models: dict[str, dict], out: Path, task: str, n_boot: int,
         return models[label]["metrics"].get(primary, {}).get("value") or float("-inf")
 
     preference = [m for m, e in models.items()
-                  if e["kind"] == "llm" and m not in ("zero-shot", "sft")]
+                  if e["kind"] == "llm" and m not in ("zero-shot", "sft") and "same_as" not in e]
     baselines = [m for m, e in models.items() if e["kind"] == "baseline"]
     if not preference:
         return []
@@ -180,15 +180,23 @@ def _ablation(models: dict[str, dict], task: str) -> dict[str, dict[str, dict]]:
 
 def collect_results(out: Path, config: dict[str, Any], exps: list) -> dict[str, Any]:
     """Everything the report shows, from the files the stages wrote."""
-    from prefrec.runner import stage_rows, trained_models
+    from prefrec.runner import model_aliases, stage_rows, trained_models
 
     seed = config["eval"]["seed"]
     n_boot = (config.get("significance") or {}).get("n_boot", 1000)
+    aliases = model_aliases(config)
+
+    def llm_entry(folder: Path, label: str) -> dict[str, Any] | None:
+        entry = model_entry(folder / aliases.get(label, label), "llm", out)
+        if entry and label in aliases:
+            entry["same_as"] = aliases[label]
+        return entry
+
     results: dict[str, Any] = {"experiments": {}}
     for exp in exps:
         models: dict[str, dict] = {}
         for label in trained_models(config, exp, out):
-            entry = model_entry(out / exp.name / "eval" / label, "llm", out)
+            entry = llm_entry(out / exp.name / "eval", label)
             if entry:
                 models[label] = entry
         base_dir = out / exp.name / "baselines"
@@ -201,7 +209,7 @@ def collect_results(out: Path, config: dict[str, Any], exps: list) -> dict[str, 
         cross: dict[str, dict] = {}
         for other in exp.cross_eval:
             for label in trained_models(config, exp, out):
-                entry = model_entry(out / exp.name / "cross" / other / label, "llm", out)
+                entry = llm_entry(out / exp.name / "cross" / other, label)
                 if entry:
                     cross.setdefault(other, {})[label] = entry
         audit = _read_json(out / exp.name / "audit.json")
@@ -372,7 +380,8 @@ def results_table(models: dict[str, dict], task: str) -> tuple[list[str], list[l
         cells = [_cell(e["metrics"].get(name)) for name in names]
         if "listed_first_preference" in names and position_bias_warning(e["metrics"]):
             cells[names.index("listed_first_preference")] += " ⚠ degenerate"
-        rows.append([label, e["kind"], *cells, str(n), f"{e['wall_time_s']:.0f} s"])
+        name = f"{label} (= {e['same_as']})" if "same_as" in e else label
+        rows.append([name, e["kind"], *cells, str(n), f"{e['wall_time_s']:.0f} s"])
     return header, rows
 
 

@@ -509,18 +509,36 @@ def _align(config: dict[str, Any], exp: Experiment, out: Path, sft: Path | None,
                        device=config["device"], data_dir=config["data_dir"])
 
 
+def model_aliases(config: dict[str, Any]) -> dict[str, str]:
+    """Label -> label of the identical model the config trains first.
+
+    At K = 1 DPO, DMPO and S-DPO are one objective (:data:`prefrec.losses.SAME_AT_ONE_NEGATIVE`)
+    on the same data and seed, so only the first of them in ``align.losses`` is trained and
+    evaluated; the others are reported as the same model.
+    """
+    from prefrec.losses import SAME_AT_ONE_NEGATIVE
+
+    align = config["align"]
+    if align in (None, False) or 1 not in align["negatives"]:
+        return {}
+    same = [loss for loss in align["losses"] if loss in SAME_AT_ONE_NEGATIVE]
+    return {model_label(loss, 1): model_label(same[0], 1) for loss in same[1:]}
+
+
 def trained_models(config: dict[str, Any], exp: Experiment, out: Path) -> dict[str, Path | None]:
-    """Label -> adapter folder (None = the base model) of every model the config trains."""
+    """Label -> adapter folder (None = the base model) of every model the config trains; an
+    alias (:func:`model_aliases`) maps to the adapter of the model it is."""
     models: dict[str, Path | None] = {}
     if config["zero_shot"]:
         models["zero-shot"] = None
     if config["sft"] not in (None, False) and exp.sft:
         models["sft"] = out / exp.name / "sft" / "adapter"
     if config["align"] not in (None, False) and exp.preference:
+        aliases = model_aliases(config)
         for k in config["align"]["negatives"]:
             for loss in config["align"]["losses"]:
                 label = model_label(loss, k)
-                models[label] = out / exp.name / label / "adapter"
+                models[label] = out / exp.name / aliases.get(label, label) / "adapter"
     return models
 
 
@@ -539,9 +557,14 @@ def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: S
         stages.run(f"{exp.name}/eval/sft", _eval, ev_config, exp.eval, evals / "sft",
                    sft_adapter)
     if config["align"] not in (None, False) and exp.preference:
+        aliases = model_aliases(config)
         for k in config["align"]["negatives"]:
             for loss in config["align"]["losses"]:
                 label = model_label(loss, k)
+                if label in aliases:
+                    log.info("%s is %s (the same loss at K=1): not trained again", label,
+                             aliases[label])
+                    continue
                 adapter = stages.run(f"{exp.name}/{label}", _align, config, exp, out,
                                      sft_adapter, loss, k)
                 stages.run(f"{exp.name}/eval/{label}", _eval, ev_config, exp.eval,
@@ -580,9 +603,10 @@ def run_cross(config: dict[str, Any], exps: list[Experiment], out: Path, stages:
         for other_name in exp.cross_eval:
             other = by_name[other_name]
             ev_config = _eval_mode_for(config, other.eval)
+            aliases = model_aliases(config)
             for label, adapter in trained_models(config, exp, out).items():
-                if label == "zero-shot":
-                    continue  # the other experiment's own zero-shot row covers it
+                if label == "zero-shot" or label in aliases:
+                    continue  # the other experiment's zero-shot row / the same model's covers it
                 stages.run(f"{exp.name}/cross/{other_name}/{label}", _eval, ev_config,
                            other.eval, out / exp.name / "cross" / other.name / label, adapter)
 
