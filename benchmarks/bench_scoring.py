@@ -9,11 +9,14 @@ Group shapes:
 - ``preference``: the same users as training groups, chosen + 3 rejected = 4 sequences,
   each negative under its own prompt (what DMPO training scores).
 - ``lastfm``: S-DPO LastFM, one prompt and its 20 candidate titles = 20 sequences.
+- ``both-orders``: DMPO Amazon Movies ``eval_ranking`` scored under both listings (what
+  ``prefrec eval --orders both`` scores), per pair 2 prompts x 2 orderings = 4 sequences.
 
 Methods: ``shared`` (score_completions, default), ``naive`` (shared_prefix=False, every
 sequence alone through ``model(...)``) and optionally ``single`` (shared path with every
 sequence its own group: vocabulary head at completion positions only, no prefix sharing),
-which splits the gain between its two causes.
+which splits the gain between its two causes, and ``per-prompt`` (shared path, a group per
+distinct prompt: sharing within a prompt only, as evaluation grouped both listings before).
 
 After a warm-up (which also checks that the methods agree), repetitions interleave the
 methods in ABBA order so that machine load hits all of them alike. Output is JSON lines
@@ -43,15 +46,15 @@ from common import (
     spread,
 )
 
-from prefrec.data.dmpo import read_dmpo
+from prefrec.data.dmpo import read_dmpo, swap_candidate_order
 from prefrec.data.prompts import model_input
 from prefrec.data.schema import group_pairs_by_user
 from prefrec.data.sdpo import read_sdpo
 from prefrec.model import load
-from prefrec.scoring import score_completions
+from prefrec.scoring import default_group_ids, score_completions
 
-SHAPES = ("ml1m-eval", "orderings", "preference", "lastfm")
-METHODS = ("shared", "naive", "single")
+SHAPES = ("ml1m-eval", "orderings", "preference", "lastfm", "both-orders")
+METHODS = ("shared", "naive", "single", "per-prompt")
 
 Batch = tuple[list[str], list[str], list[int | str]]  # prompts, completions, group ids
 
@@ -107,11 +110,26 @@ def lastfm_batch(data: Path, n_groups: int) -> Batch:
     return prompts, completions, groups
 
 
+def both_orders_batch(data: Path, n_groups: int) -> Batch:
+    """Per Amazon Movies eval pair: its prompt and the swapped-listing prompt, each with the
+    chosen and the rejected ordering."""
+    prompts, completions, groups = [], [], []
+    rows = read_dmpo(data / "dmpo" / "rec_Amazon_Movie_eval_ranking.json")[:n_groups]
+    for i, ex in enumerate(rows):
+        for variant in (ex, swap_candidate_order(ex)):
+            for completion in (variant.chosen, variant.rejected):
+                prompts.append(model_input(variant.prompt))
+                completions.append(completion)
+                groups.append(i)
+    return prompts, completions, groups
+
+
 BUILDERS = {
     "ml1m-eval": eval_pairs_batch,
     "orderings": orderings_batch,
     "preference": preference_batch,
     "lastfm": lastfm_batch,
+    "both-orders": both_orders_batch,
 }
 
 
@@ -120,6 +138,8 @@ def n_examples(shape: str, batch: Batch) -> int:
     groups for ``preference``."""
     if shape in ("ml1m-eval", "orderings"):
         return len(batch[0]) // 2
+    if shape == "both-orders":
+        return len(batch[0]) // 4
     return len(set(batch[2]))
 
 
@@ -127,6 +147,8 @@ def run_method(method: str, model, tokenizer, batch: Batch, batch_size: int, nai
     prompts, completions, groups = batch
     if method == "shared":
         kwargs = {"group_ids": groups, "batch_size": batch_size}
+    elif method == "per-prompt":
+        kwargs = {"group_ids": default_group_ids(prompts), "batch_size": batch_size}
     elif method == "single":
         kwargs = {"group_ids": list(range(len(prompts))), "batch_size": naive_batch_size}
     else:

@@ -196,3 +196,22 @@ def test_bench_packing_smoke(tiny_dir, shared_data, tmp_path):
     assert [(r["stage"], r["examples_per_user"]) for r in speedups] == [("sft", 4), ("align", 4)]
     timed = [r for r in rows if "rep" in r]
     assert len(timed) == 4 and all(r["seconds"] > 0 and r["loss"] > 0 for r in timed)
+
+
+def test_bench_scoring_both_orders_shares_the_history_across_listings(tiny_dir, shared_data,
+                                                                       tmp_path):
+    """Evaluation under both listings: one group per pair (history once) agrees with a group
+    per prompt and with naive scoring, on 4 sequences per pair."""
+    rows = run_script(
+        "bench_scoring.py", "--model", str(tiny_dir), "--data", str(shared_data),
+        "--groups", "2", "--reps", "1", "--shapes", "both-orders",
+        "--methods", "shared,per-prompt,naive",
+    )
+    warmups = {r["method"]: r for r in rows if r.get("warmup")}
+    assert warmups.keys() == {"shared", "per-prompt", "naive"}
+    assert all(r["max_abs_diff_vs_first"] < 1e-4 for r in warmups.values())
+    summaries = {r["method"]: r for r in rows if r.get("summary")}
+    assert summaries["shared"]["sequences_per_group"] == 4  # 2 listings x 2 orderings
+    assert summaries["shared"]["examples"] == 2
+    assert set(rows[-1]["speedup"]) >= {"both-orders:per-prompt_over_shared",
+                                        "both-orders:naive_over_shared"}

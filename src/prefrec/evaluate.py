@@ -151,7 +151,7 @@ def _score_rows(
                 variants = [ex]
                 if isinstance(ex, PairwiseExample) and orders == "both":
                     variants.append(swap_candidate_order(ex))
-                for v, variant in enumerate(variants):
+                for variant in variants:
                     text = model_input(variant.prompt, template, tokenizer)
                     outs = (
                         [variant.chosen, variant.rejected]
@@ -160,7 +160,9 @@ def _score_rows(
                     )
                     prompts += [text] * len(outs)
                     completions += outs
-                    groups += [2 * i + v] * len(outs)
+                    # Both listings in one group: the trie scores the history they share
+                    # once (benchmarks/bench_scoring.py, shape both-orders).
+                    groups += [i] * len(outs)
             scores = score_completions(
                 model, tokenizer, prompts, completions, group_ids=groups, batch_size=batch_size,
                 max_length=max_length,
