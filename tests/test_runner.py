@@ -38,7 +38,7 @@ def _tiny_config(tiny_dir: Path, shared_data: Path, out: Path) -> dict:
                 "save_steps": 100},
         "align": {"losses": ["dmpo", "dpo"], "negatives": [1, 2], "limit": 4, "max_steps": 2,
                   "batch_size": 2, "lora_r": 4, "lora_alpha": 8, "save_steps": 100},
-        "eval": {"limit": 12, "batch_size": 4, "n_boot": 200},
+        "eval": {"limit": 12, "batch_size": 4, "n_boot": 200, "orders": "both"},
         "significance": {"n_boot": 200},
     }
 
@@ -253,6 +253,8 @@ def test_run_trains_and_evaluates_every_model_and_writes_the_report(tiny_run):
     md = (out / "report.md").read_text()
     assert "| dmpo-k2 | llm |" in md and "figures/ml1m_bars.png" in md
     assert "| dpo-k1 (= dmpo-k1) | llm |" in md
+    # both listings scored, the published one-listing protocol beside it
+    assert "| model | kind | accuracy | acc (given order) |" in md
     assert md.count("Data audit") == 1 and "p (McNemar)" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3  # self-contained

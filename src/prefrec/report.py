@@ -31,7 +31,9 @@ from prefrec.io import atomic_open, atomic_write_json, atomic_write_text
 log = logging.getLogger(__name__)
 
 HEADLINE = {
-    "pairwise": ["pairwise_accuracy", "dmpo_auc", "candidate_roc_auc",
+    # given order: the published protocol (one listing per pair), beside the both-listings one
+    "pairwise": ["pairwise_accuracy", "pairwise_accuracy_given_order", "dmpo_auc",
+                 "candidate_roc_auc",
                  "pairwise_accuracy_positive_listed_first",
                  "pairwise_accuracy_positive_listed_second", "listed_first_preference"],
     "selection": ["hr@1", "hr@5", "ndcg@10", "mrr", "valid_ratio", "gen_hr@1"],
@@ -39,6 +41,7 @@ HEADLINE = {
 PRIMARY = {"pairwise": "pairwise_accuracy", "selection": "hr@1"}
 SHORT = {
     "pairwise_accuracy": "accuracy",
+    "pairwise_accuracy_given_order": "acc (given order)",
     "dmpo_auc": "DMPO AUC",
     "candidate_roc_auc": "ROC-AUC",
     "pairwise_accuracy_positive_listed_first": "acc (pos. 1st)",
