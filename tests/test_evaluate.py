@@ -254,3 +254,40 @@ def test_eval_states_a_cut_past_the_context_and_refuses_what_cannot_fit(
     with pytest.raises(DataError, match="record 1.*leaving no room for the prompt"):
         ev.evaluate(model, tok, [examples[0], huge], tmp_path / "unfit",
                     _settings("pairwise", 2, None), batch_size=2, n_boot=10)
+
+
+def test_wall_time_of_a_killed_invocation_counts_after_resume(tiny_llama, ml1m_eval, tmp_path,
+                                                              monkeypatch):
+    """The clock is saved while rows are written, so the time spent on rows a killed run left
+    on disk is in the resumed evaluation's wall_time_s."""
+    import prefrec.scoring as scoring
+
+    model, tok = tiny_llama
+    now = [0.0]
+
+    def fake_clock() -> float:  # every reading is 100 s after the one before
+        now[0] += 100.0
+        return now[0]
+
+    monkeypatch.setattr(ev.time, "perf_counter", fake_clock)
+    real = scoring.score_completions
+    calls = []
+
+    def killed_after_two_batches(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_completions", killed_after_two_batches)
+    settings = _settings("pairwise", 1000, 12)
+    with pytest.raises(RuntimeError, match="killed"):
+        ev.evaluate(model, tok, ml1m_eval, tmp_path, settings, batch_size=4, n_boot=50)
+    saved = json.loads((tmp_path / "eval_time.json").read_text())["wall_time_s"]
+    assert saved >= 200.0  # two finished batches' worth of the first invocation
+    assert len((tmp_path / "scores.jsonl").read_text().splitlines()) == 8
+
+    monkeypatch.setattr(scoring, "score_completions", real)
+    result = ev.evaluate(model, tok, ml1m_eval, tmp_path, settings, batch_size=4, n_boot=50)
+    assert result["wall_time_s"] > saved
+    assert result["metrics"]["pairwise_accuracy"]["n"] == 12

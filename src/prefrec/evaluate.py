@@ -103,6 +103,32 @@ def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:
 # --------------------------------------------------------------------------- scoring loops
 
 
+class EvalClock:
+    """Wall time of one evaluation summed over its invocations (``eval_time.json``).
+
+    Saved every ``every_s`` seconds while rows are written, not only at the end, so the
+    time a killed invocation spent on the rows it left on disk still counts after a resume.
+    """
+
+    def __init__(self, path: Path, every_s: float = 30.0) -> None:
+        self.path = path
+        self.every_s = every_s
+        self.before = json.loads(path.read_text())["wall_time_s"] if path.exists() else 0.0
+        self.started = self.saved = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def save(self, force: bool = False) -> float:
+        """Write the running total (at most every ``every_s`` s unless ``force``); return it."""
+        elapsed = self.elapsed()
+        if force or time.perf_counter() - self.saved >= self.every_s:
+            atomic_write_json(self.path, {"wall_time_s": elapsed})
+            self.saved = time.perf_counter()
+        return elapsed
+
+
+
 def _resume(rows_path: Path, indices: Sequence[int]) -> tuple[dict[int, dict], list[int]]:
     """Rows already on disk (by example index) and the indices still to do.
 
@@ -127,6 +153,7 @@ def _score_rows(
     rows_path: Path,
     orders: str = "given",
     max_length: int | None = None,
+    clock: EvalClock | None = None,
 ) -> list[dict[str, Any]]:
     """Score every selected example, appending one row each; skip rows already on disk.
 
@@ -200,6 +227,8 @@ def _score_rows(
                 append_jsonl(fh, row)
                 done[i] = row
             bar.update(len(chunk))
+            if clock:
+                clock.save()
     return [done[i] for i in indices]
 
 
@@ -212,6 +241,7 @@ def _generate_rows(
     batch_size: int,
     max_new_tokens: int,
     rows_path: Path,
+    clock: EvalClock | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy answers for selection prompts (S-DPO's generation protocol), resumable."""
     import torch
@@ -241,6 +271,8 @@ def _generate_rows(
                 append_jsonl(fh, row)
                 done[i] = row
             bar.update(len(chunk))
+            if clock:
+                clock.save()
     return [done[i] for i in indices]
 
 
@@ -403,7 +435,7 @@ def evaluate(
     atomic_write_json(cfg_path, asdict(settings))
 
     indices = subset_indices(len(examples), settings.limit, settings.seed)
-    started = time.perf_counter()
+    clock = EvalClock(out / "eval_time.json")
     metrics: dict[str, Any] = {}
     notes = [f"data: {settings.data}", f"model: {settings.model}"]
     if settings.adapters:
@@ -418,24 +450,23 @@ def evaluate(
                            LengthLimit(tokenizer, settings.template, context), settings.data)
     if settings.task == "pairwise":
         rows = _score_rows(model, tokenizer, examples, indices, settings.template, batch_size,
-                           out / "scores.jsonl", orders=settings.orders, max_length=context)
+                           out / "scores.jsonl", orders=settings.orders, max_length=context,
+                           clock=clock)
         metrics.update(pairwise_metrics(rows, n_boot, settings.seed))
         if settings.orders == "both":
             notes.append("scores: sum of the log-probs under both candidate orders")
     else:
         if "likelihood" in settings.modes:
             rows = _score_rows(model, tokenizer, examples, indices, settings.template,
-                               batch_size, out / "scores.jsonl", max_length=context)
+                               batch_size, out / "scores.jsonl", max_length=context,
+                               clock=clock)
             metrics.update(selection_metrics(rows, n_boot, settings.seed))
         if "generate" in settings.modes:
             rows = _generate_rows(model, tokenizer, examples, indices, settings.template,
-                                  batch_size, settings.max_new_tokens, out / "generations.jsonl")
+                                  batch_size, settings.max_new_tokens, out / "generations.jsonl",
+                                  clock=clock)
             metrics.update(generation_metrics(rows, examples, n_boot, settings.seed))
-    # Wall time adds up over the invocations of a resumed evaluation.
-    time_path = out / "eval_time.json"
-    before = json.loads(time_path.read_text())["wall_time_s"] if time_path.exists() else 0.0
-    elapsed = before + time.perf_counter() - started
-    atomic_write_json(time_path, {"wall_time_s": elapsed})
+    elapsed = clock.save(force=True)
     notes.append(f"wall time: {elapsed:.1f} s for {len(indices)} examples")
     warning = position_bias_warning(metrics)
     if warning:
