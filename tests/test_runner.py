@@ -326,3 +326,6 @@ def test_selection_split_experiment_has_disjoint_users(tmp_path, tiny_dir, share
     zs = results["experiments"]["lastfm"]["models"]["zero-shot"]
     assert zs["task"] == "selection" and zs["metrics"]["hr@1"]["n"] == 4
     assert np.isfinite(zs["metrics"]["mrr"]["value"])
+    # S-DPO's reported metrics head the table
+    md = (tmp_path / "sel" / "report.md").read_text()
+    assert "| model | kind | hr@1 | hr@5 | ndcg@5 | ndcg@10 | mrr |" in md

@@ -36,7 +36,7 @@ HEADLINE = {
                  "candidate_roc_auc",
                  "pairwise_accuracy_positive_listed_first",
                  "pairwise_accuracy_positive_listed_second", "listed_first_preference"],
-    "selection": ["hr@1", "hr@5", "ndcg@10", "mrr", "valid_ratio", "gen_hr@1"],
+    "selection": ["hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "valid_ratio", "gen_hr@1"],
 }
 PRIMARY = {"pairwise": "pairwise_accuracy", "selection": "hr@1"}
 SHORT = {
