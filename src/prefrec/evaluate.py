@@ -128,7 +128,6 @@ class EvalClock:
         return elapsed
 
 
-
 def _resume(rows_path: Path, indices: Sequence[int]) -> tuple[dict[int, dict], list[int]]:
     """Rows already on disk (by example index) and the indices still to do.
 
