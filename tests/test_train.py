@@ -342,6 +342,50 @@ def test_reference_is_scored_once_and_never_in_the_training_loop(
     assert cache_file.stat().st_mtime_ns == stamp
 
 
+def test_a_killed_reference_pass_resumes_where_it_stopped(
+    tiny_dir, sft_adapter, shared_data, tmp_path, monkeypatch
+):
+    """A pass killed after its first chunk leaves a partial file; the next pass scores only
+    the keys after it, and its cache equals an uninterrupted pass's. The partial is removed."""
+    import prefrec.scoring
+    from prefrec.train.align import reference_logps
+
+    model, tokenizer = load_for_scoring(str(tiny_dir), [sft_adapter])
+    examples = limit_examples(_examples(shared_data, "ml1m-dpo-3"), 20)
+    _, _, keys = build_groups(examples, None, 0, False)
+    assert len(keys) == 80  # two chunks of 64 and 16
+    fresh = reference_logps(model, tokenizer, keys, TEMPLATE, tmp_path / "fresh.safetensors")
+
+    original = prefrec.scoring.score_completions
+    scored: list[int] = []
+
+    def killed_after_one_chunk(*args, **kwargs):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    cache_file = tmp_path / "resumed.safetensors"
+    partial = tmp_path / "resumed.partial.safetensors"
+    monkeypatch.setattr(prefrec.scoring, "score_completions", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        reference_logps(model, tokenizer, keys, TEMPLATE, cache_file, save_every_s=0.0)
+    assert not cache_file.exists()
+    assert load_file(partial)["logps"].shape == (64,)
+
+    def counting(*args, **kwargs):
+        scored.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prefrec.scoring, "score_completions", counting)
+    resumed = reference_logps(model, tokenizer, keys, TEMPLATE, cache_file, save_every_s=0.0)
+    assert scored == [64, 16]
+    assert resumed == fresh
+    assert not partial.exists()
+    torch.testing.assert_close(load_file(cache_file)["logps"],
+                               load_file(tmp_path / "fresh.safetensors")["logps"])
+
+
 # --------------------------------------------------------------------------- negatives
 
 

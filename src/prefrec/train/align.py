@@ -169,11 +169,15 @@ def reference_logps(
     batch_size: int = 8,
     state: PartialState | None = None,
     max_length: int | None = None,
+    save_every_s: float = 60.0,
 ) -> dict[Key, tuple[float, int]]:
     """Log-prob and token count of every (instruction, completion) under the reference.
 
     Loaded from ``cache_file`` when present; otherwise scored once (shared prefixes:
-    completions of one instruction history are grouped) and saved atomically.
+    completions of one instruction history are grouped) and saved atomically. A single
+    process also saves its progress every ``save_every_s`` seconds beside the cache
+    (``*.partial.safetensors``), so a killed pass resumes where it stopped instead of
+    starting over (LastFM's pass is ~45 min of one core).
 
     Several processes (``state``: accelerate's ``PartialState``): the file is loaded only
     when every rank sees it; otherwise each rank scores a contiguous shard of ``keys``, the
@@ -193,18 +197,43 @@ def reference_logps(
         log.info("reference log-probs: loaded %d from %s", len(keys), cache_file)
     else:
 
-        def score(part: list[Key]) -> list[tuple[float, int]]:
-            return _score_reference(model, tokenizer, part, template, batch_size, max_length)
+        def as_tensors(scored: list[tuple[float, int]]) -> dict[str, torch.Tensor]:
+            return {
+                "logps": torch.tensor([lp for lp, _ in scored], dtype=torch.float32),
+                "n_tokens": torch.tensor([n for _, n in scored], dtype=torch.long),
+            }
 
-        scored = score(list(keys)) if n_processes == 1 else score_sharded(state, keys, score)
-        tensors = {
-            "logps": torch.tensor([lp for lp, _ in scored], dtype=torch.float32),
-            "n_tokens": torch.tensor([n for _, n in scored], dtype=torch.long),
-        }
+        def write(path: Path, scored: list[tuple[float, int]]) -> None:
+            with atomic_open(path, "wb") as fh:
+                fh.write(safetensors_bytes(as_tensors(scored)))
+
+        if n_processes == 1:
+            partial_file = cache_file.with_suffix(".partial.safetensors")
+            done: list[tuple[float, int]] = []
+            if partial_file.exists():
+                part = load_file(str(partial_file))
+                done = list(zip(part["logps"].tolist(), part["n_tokens"].tolist(), strict=True))
+                if len(done) > len(keys):
+                    raise PrefrecError(f"{partial_file}: more reference log-probs than the data "
+                                       f"has completions ({len(done)} > {len(keys)})")
+                log.info("reference log-probs: resuming after %d of %d from %s",
+                         len(done), len(keys), partial_file)
+            scored = _score_reference(model, tokenizer, keys, template, batch_size, max_length,
+                                      done=done, checkpoint=lambda s: write(partial_file, s),
+                                      save_every_s=save_every_s)
+        else:
+
+            def score(part: list[Key]) -> list[tuple[float, int]]:
+                return _score_reference(model, tokenizer, part, template, batch_size,
+                                        max_length)
+
+            scored = score_sharded(state, keys, score)
+        tensors = as_tensors(scored)
         if state is None or state.is_local_main_process:
-            with atomic_open(cache_file, "wb") as fh:
-                fh.write(safetensors_bytes(tensors))
+            write(cache_file, scored)
             log.info("reference log-probs: computed %d, cached at %s", len(keys), cache_file)
+        if n_processes == 1:
+            partial_file.unlink(missing_ok=True)
     if tensors["logps"].shape[0] != len(keys):
         raise PrefrecError(f"{cache_file}: cached reference log-probs do not match the data")
     return {
@@ -217,15 +246,27 @@ def reference_logps(
 def _score_reference(
     model, tokenizer, keys: Sequence[Key], template: str, batch_size: int,
     max_length: int | None = None,
+    done: Sequence[tuple[float, int]] = (),
+    checkpoint: Callable[[list[tuple[float, int]]], None] | None = None,
+    save_every_s: float = 60.0,
 ) -> list[tuple[float, int]]:
-    """(log-prob, completion tokens) of each key, in chunks of 64 with a progress bar."""
+    """(log-prob, completion tokens) of each key, in chunks of 64 with a progress bar.
+
+    The first ``len(done)`` keys are taken from ``done`` (a resumed pass); ``checkpoint``
+    receives everything scored so far every ``save_every_s`` seconds. Chunks start at
+    multiples of 64 either way, so a resumed pass groups shared prefixes as a fresh one.
+    """
     from tqdm.auto import tqdm
 
     from prefrec.scoring import score_completions
 
-    out: list[tuple[float, int]] = []
     chunk = 64
-    for start in tqdm(range(0, len(keys), chunk), desc="reference log-probs", unit="chunk"):
+    out: list[tuple[float, int]] = list(done)
+    resume_at = len(out) - len(out) % chunk if len(out) < len(keys) else len(out)
+    del out[resume_at:]
+    saved = time.perf_counter()
+    for start in tqdm(range(resume_at, len(keys), chunk), desc="reference log-probs",
+                      unit="chunk", initial=resume_at // chunk, total=-(-len(keys) // chunk)):
         part = keys[start : start + chunk]
         prompts = [model_input(p, template, tokenizer) for p, _ in part]
         scores = score_completions(
@@ -239,6 +280,9 @@ def _score_reference(
         )
         out.extend(zip(scores.logps.detach().float().cpu().tolist(),
                        scores.n_tokens.cpu().tolist(), strict=True))
+        if checkpoint is not None and time.perf_counter() - saved >= save_every_s:
+            checkpoint(out)
+            saved = time.perf_counter()
     return out
 
 
