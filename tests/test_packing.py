@@ -135,6 +135,26 @@ def test_train_block_gives_each_block_the_liked_items_just_before_it():
         DMPOConfig(train_block=4)
 
 
+def test_blocks_of_one_give_per_target_histories_with_several_pairs_each():
+    """train_block 1 + pairs_per_history P: every SFT pair's history is the H liked items
+    just before its own target (the eval protocol's), and a target's P pairs (P different
+    negatives) share that history, so they pack into one row."""
+    events = [e for u in "abcde" for e in user_events(u, 8, 6)]
+    log = make_log(events)
+    data = build_dmpo(log, dataclasses.replace(FIXED, train_block=1, pairs_per_history=3))
+    per_history: dict[tuple, list] = {}
+    for ex in data.sft:
+        i = _liked_index(ex.positive_title)
+        owner = ex.history[0].removeprefix("Title ").split("-")[0]
+        assert ex.history == tuple(f"Title {owner}-p{j}" for j in range(i - 3, i))
+        per_history.setdefault((ex.user, ex.history), []).append(ex.negative_title)
+    # 6 pairs per user, 3 per target: 2 targets per user, each with 3 distinct negatives.
+    assert len(data.sft) == 18
+    assert [len(set(n)) for n in per_history.values()] == [3] * 6
+    with pytest.raises(ValueError, match="pairs_per_history"):
+        DMPOConfig(train_history=3, pairs_per_history=2)
+
+
 def test_pack_units_chunks_each_users_items_in_first_appearance_order():
     assert pack_units(["a", "b", "a", "a", "b", "c"], 2) == [[0, 2], [3], [1, 4], [5]]
     assert pack_units(["a", "a"], 16) == [[0, 1]]

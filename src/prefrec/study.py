@@ -303,8 +303,9 @@ def study_plot(study: dict[str, Any], rows: list[dict[str, Any]], path: Path) ->
 # Overrides that change how much a variant trains on (or its LoRA rank, which names the
 # curve), not how: only such variants are points of the learning curve.
 _SIZE_OVERRIDES = ("build.pairs_per_user", "build.groups_per_user", "build.train_history",
-                   "build.train_block", "sft.limit", "align.limit", "sft.epochs", "align.epochs", "sft.pack_by_user",
-                   "align.pack_by_user", "sft.batch_size", "align.batch_size", "zero_shot",
+                   "build.train_block", "build.pairs_per_history", "sft.limit", "align.limit",
+                   "sft.epochs", "align.epochs", "sft.pack_by_user", "align.pack_by_user",
+                   "sft.batch_size", "align.batch_size", "zero_shot",
                    "sft.lora_r", "sft.lora_alpha", "align.lora_r", "align.lora_alpha")
 
 
@@ -355,6 +356,8 @@ def learning_curve_points(study: dict[str, Any], rows: list[dict[str, Any]],
         rank = (config.get(stage) or {}).get("lora_r", 16)
         build = config.get("build") or {}
         fixed = ("" if not build.get("train_history") else
+                 f" per-target, {build.get('pairs_per_history') or 1} pairs per target"
+                 if build.get("train_block") == 1 else
                  f" history blocks of {build['train_block']}" if build.get("train_block") else
                  " fixed-history")
         points.append({"stage": stage, "series": f"{r['model']} r{rank}{fixed}",

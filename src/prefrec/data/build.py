@@ -71,6 +71,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--train-block", type=int, default=0,
                    help="with --train-history: B targets per history, each block's history the "
                         "N liked items just before it; 0 = one history, the first N (default: 0)")
+    d.add_argument("--pairs-per-history", type=int, default=0,
+                   help="with --train-block: SFT pairs drawn per history (with --train-block 1: "
+                        "negatives per target, packed in one row); 0 = the block size (default: 0)")
     d.add_argument("--domain", default="movie", choices=sorted(DOMAINS),
                    help="prompt wording (default: movie)")
 
@@ -146,6 +149,7 @@ def build_files(args: argparse.Namespace) -> tuple[list[Path], dict]:
             max_history=args.max_history or None,
             train_history=args.train_history or None,
             train_block=args.train_block or None,
+            pairs_per_history=args.pairs_per_history or None,
             normalize_titles=args.normalize_titles,
             scale_down=args.scale_down,
             domain=args.domain,

@@ -44,7 +44,9 @@ eval users keep the protocol above.
 liked items just before it and its targets the next B liked items, so a target is at most
 B - 1 items past its history, near the eval protocol's "latest H before the target".
 Pairs and groups are then drawn block by block (B per block, blocks in random order), so
-a user's examples still share few histories and pack.
+a user's examples still share few histories and pack. ``pairs_per_history`` = P draws P
+SFT pairs per block instead (P negatives per target when B = 1): with B = 1 every pair has
+the eval protocol's own history, and the P pairs of a target still pack into one row.
 
 S-DPO protocol (:class:`SDPOConfig`, :func:`build_sdpo`), candidate selection:
 
@@ -197,6 +199,8 @@ class DMPOConfig:
             ``None`` keeps the per-target histories of valid and eval users.
         train_block: with ``train_history``, targets per fixed history block (see the
             module docstring); ``None``: one history, the first H liked items.
+        pairs_per_history: with ``train_block``, SFT pairs drawn per history block;
+            ``None``: ``train_block`` of them.
         normalize_titles: pass every title through
             :func:`prefrec.data.titles.normalize_title` (no year, no trailing article).
         scale_down: shrink every split by one factor when too few users qualify, instead
@@ -221,6 +225,7 @@ class DMPOConfig:
     max_history: int | None = None
     train_history: int | None = None
     train_block: int | None = None
+    pairs_per_history: int | None = None
     normalize_titles: bool = False
     scale_down: bool = False
     domain: str = "movie"
@@ -253,6 +258,10 @@ class DMPOConfig:
             raise ValueError("train_history must be >= 1 (or None for per-target histories)")
         if self.train_block is not None and (self.train_block < 1 or self.train_history is None):
             raise ValueError("train_block must be >= 1 and needs train_history")
+        if self.pairs_per_history is not None and (
+            self.pairs_per_history < 1 or self.train_block is None
+        ):
+            raise ValueError("pairs_per_history must be >= 1 and needs train_block")
         if self.domain not in prompts.DOMAINS:
             raise ValueError(
                 f"unknown domain {self.domain!r}; choose from {', '.join(prompts.DOMAINS)}"
@@ -414,7 +423,8 @@ def _data_rich_pairs(
     ]
     if n != ALL_PAIRS and n < len(combos):
         if config.train_block is not None and split in ("sft", "dpo"):
-            picked = _sample_by_history([c[1] for c in combos], n, config.train_block, rng)
+            per_history = config.pairs_per_history or config.train_block
+            picked = _sample_by_history([c[1] for c in combos], n, per_history, rng)
         else:
             picked = sorted(rng.sample(range(len(combos)), n))
         combos = [combos[j] for j in picked]
