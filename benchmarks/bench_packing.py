@@ -3,7 +3,11 @@
 Data: the DMPO protocol on raw MovieLens-100K with fixed training histories
 (``train_history``, the data ``--pack-by-user`` is for): each benchmark user has one
 history of their first ``--train-history`` liked titles and 64 SFT pairs and 64 preference
-groups (K = ``--k``) drawn from the liked items after it. At each point of ``--examples``
+groups (K = ``--k``) drawn from the liked items after it. ``--per-target P`` gives every
+target its own history instead (the ``--train-history`` liked titles just before it, the
+eval protocol's) and draws P SFT pairs per target (``train_block=1``,
+``pairs_per_history=P``): a user's row then shares the prompt header and each target's
+history among that target's P pairs. At each point of ``--examples``
 (examples per user) every method trains one optimizer step on the same users' first E
 pairs (SFT) or groups (align):
 
@@ -73,7 +77,7 @@ PER_USER = 64  # examples drawn per benchmark user; --examples points take a pre
 # --------------------------------------------------------------------------- data
 
 
-def benchmark_users(data: Path, n_users: int, k: int, train_history: int):
+def benchmark_users(data: Path, n_users: int, k: int, train_history: int, per_target: int = 0):
     """SFT pairs and DPO rows of the first ``n_users`` users that have ``PER_USER`` of each.
 
     Every qualifying user is built (sampling ``PER_USER`` pairs and groups each); users with
@@ -83,7 +87,9 @@ def benchmark_users(data: Path, n_users: int, k: int, train_history: int):
     config = DMPOConfig(n_sft_users=900, n_dpo_users=900, n_eval_users=0,
                         max_interactions=None, max_negatives=k, min_negatives=max(k, 5),
                         pairs_per_user=PER_USER, groups_per_user=PER_USER,
-                        max_history=train_history, train_history=train_history)
+                        max_history=train_history, train_history=train_history,
+                        train_block=1 if per_target else None,
+                        pairs_per_history=per_target or None)
     built = build_dmpo(log, config)
     sft: dict[str, list[PairwiseExample]] = {}
     for ex in built.sft:
@@ -200,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pack-size", type=int, default=16,
                         help="packed: most examples per row (--pack-size of the trainers)")
     parser.add_argument("--train-history", type=int, default=10, help="fixed history length")
+    parser.add_argument("--per-target", type=int, default=0,
+                        help="P > 0: per-target histories with P SFT pairs per target "
+                             "(default: 0, one fixed history per user)")
     parser.add_argument("--tmp", type=Path, default=Path("runs/bench_packing"))
     args = parser.parse_args(argv)
     if max(args.examples) > PER_USER:
@@ -211,14 +220,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
     torch.manual_seed(0)
     model = attach_lora(model, LoraSettings()).train()
-    sft_users, dpo_users = benchmark_users(args.data, args.groups, args.k, args.train_history)
+    sft_users, dpo_users = benchmark_users(args.data, args.groups, args.k, args.train_history,
+                                           args.per_target)
     stepper = Stepper(model, tokenizer, args.tmp, args.micro, args.pack_size)
     device = next(model.parameters()).device
 
     with Recorder(args.out) as rec:
         rec.emit(header("bench_packing", args, model) | {
             "k": args.k, "micro": args.micro, "pack_size": args.pack_size,
-            "train_history": args.train_history, "users": args.groups,
+            "train_history": args.train_history, "per_target": args.per_target,
+            "users": args.groups,
         })
         for stage in args.stages:
             for e in args.examples:
