@@ -229,7 +229,9 @@ def test_learning_curve_keeps_size_variants_and_draws_a_png(tiny_dir, tmp_path):
     study = {"base": str(_write(tmp_path / "base.yaml", config)), "out": str(tmp_path / "s"),
              "overrides": [], "metric": "pairwise_accuracy",
              "variants": {"default": [], "more": ["build.pairs_per_user=4"],
-                          "lr": ["sft.lr=1e-3"]}}
+                          "lr": ["sft.lr=1e-3"],
+                          "per-target": ["build.train_history=3", "build.train_block=1",
+                                         "build.pairs_per_history=2"]}}
 
     def row(variant, model, value):
         return {"variant": variant, "overrides": study["variants"][variant], "model": model,
@@ -237,12 +239,14 @@ def test_learning_curve_keeps_size_variants_and_draws_a_png(tiny_dir, tmp_path):
                     "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05, "n": 6}}}
 
     rows = [row("default", "zero-shot", 0.5), row("default", "sft", 0.52),
-            row("default", "dmpo-k2", 0.53), row("more", "sft", 0.6), row("lr", "sft", 0.7)]
+            row("default", "dmpo-k2", 0.53), row("more", "sft", 0.6), row("lr", "sft", 0.7),
+            row("per-target", "sft", 0.55)]
     points = learning_curve_points(study, rows)
     # zero-shot trains on nothing, and the learning-rate variant changes the recipe.
     assert [(p["variant"], p["stage"], p["series"], p["examples"]) for p in points] == [
         ("default", "sft", "sft r4", 12), ("default", "align", "dmpo-k2 r4", 12),
-        ("more", "sft", "sft r4", 24)]
+        ("more", "sft", "sft r4", 24),
+        ("per-target", "sft", "sft r4 per-target, 2 pairs per target", 12)]
     png = tmp_path / "curve.png"
     assert learning_curve_plot(points, {"itemknn": 0.69}, png, "pairwise_accuracy")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
