@@ -17,7 +17,8 @@ pairs (SFT) or groups (align):
   groups per forward, gradients accumulated.
 - ``packed``: a user's examples in one row (at most ``--pack-size`` examples per row;
   ``PackedSFTTrainer`` / ``AlignTrainer`` with user units), one row per forward
-  (``--batch-size 1``, gradients accumulated): the history runs once per row.
+  (``--batch-size 1``, gradients accumulated; SFT: ``--packed-rows`` rows per forward):
+  the history runs once per row.
 
 One timed step = collate + forward + loss + backward over the E examples of every user,
 then ``optimizer.step()`` and ``zero_grad()``. After a warm-up per (stage, E, method),
@@ -32,6 +33,7 @@ summaries the medians and the packed / unpacked speedups (ratio of medians and p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -55,6 +57,7 @@ from prefrec.data.prompts import model_input
 from prefrec.data.protocols import DMPOConfig, build_dmpo
 from prefrec.data.raw import read_movielens_100k
 from prefrec.data.schema import PairwiseExample
+from prefrec.data.titles import history_user_key
 from prefrec.scoring import pack_group, tokenize_items
 from prefrec.train.align import AlignTrainer, GroupDataset, build_groups, collate_groups
 from prefrec.train.common import pack_units
@@ -100,7 +103,15 @@ def benchmark_users(data: Path, n_users: int, k: int, train_history: int, per_ta
     users = [u for u in sft if len(sft[u]) == PER_USER and len(dpo.get(u, [])) == PER_USER * k]
     if len(users) < n_users:
         raise SystemExit(f"only {len(users)} users have {PER_USER} pairs and groups")
-    return [sft[u] for u in users[:n_users]], [dpo[u] for u in users[:n_users]]
+    sft_rows, dpo_rows = [sft[u] for u in users[:n_users]], [dpo[u] for u in users[:n_users]]
+    if per_target:
+        # Keyed as the training files key them when read back (the history), so a row
+        # packs one target's pairs, as in training, not a user's many targets.
+        def keyed(rows):
+            return [dataclasses.replace(ex, user=history_user_key(ex.history)) for ex in rows]
+
+        sft_rows, dpo_rows = [keyed(r) for r in sft_rows], [keyed(r) for r in dpo_rows]
+    return sft_rows, dpo_rows
 
 
 # --------------------------------------------------------------------------- one step
@@ -118,9 +129,10 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
 class Stepper:
     """One optimizer step of a stage on a list of examples, packed or unpacked."""
 
-    def __init__(self, model, tokenizer, tmp: Path, micro: int, pack_size: int) -> None:
+    def __init__(self, model, tokenizer, tmp: Path, micro: int, pack_size: int,
+                 packed_rows: int = 1) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.micro, self.pack_size = micro, pack_size
+        self.micro, self.pack_size, self.packed_rows = micro, pack_size, packed_rows
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=1e-5
         )
@@ -147,7 +159,8 @@ class Stepper:
         pairs = sft_pairs(rows)
         if method == "packed":
             units = user_packed_units(rows, pairs, self.pack_size)
-            return self._backward(self.packed_sft, [collate_packed_sft([u]) for u in units])
+            return self._backward(self.packed_sft, [collate_packed_sft(list(c))
+                                                    for c in _chunks(units, self.packed_rows)])
         feats = sft_features(self.tokenizer, pairs, TEMPLATE, 1024)
         pad = self.tokenizer.pad_token_id
         return self._backward(self.plain, [collate_sft(list(c), pad)
@@ -206,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pack-size", type=int, default=16,
                         help="packed: most examples per row (--pack-size of the trainers)")
     parser.add_argument("--train-history", type=int, default=10, help="fixed history length")
+    parser.add_argument("--packed-rows", type=int, default=1,
+                        help="packed SFT: rows per forward (--batch-size of the trainer; "
+                             "per-target rows are short, so batch them) (default: 1)")
     parser.add_argument("--per-target", type=int, default=0,
                         help="P > 0: per-target histories with P SFT pairs per target "
                              "(default: 0, one fixed history per user)")
@@ -222,12 +238,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = attach_lora(model, LoraSettings()).train()
     sft_users, dpo_users = benchmark_users(args.data, args.groups, args.k, args.train_history,
                                            args.per_target)
-    stepper = Stepper(model, tokenizer, args.tmp, args.micro, args.pack_size)
+    stepper = Stepper(model, tokenizer, args.tmp, args.micro, args.pack_size, args.packed_rows)
     device = next(model.parameters()).device
 
     with Recorder(args.out) as rec:
         rec.emit(header("bench_packing", args, model) | {
             "k": args.k, "micro": args.micro, "pack_size": args.pack_size,
+            "packed_rows": args.packed_rows,
             "train_history": args.train_history, "per_target": args.per_target,
             "users": args.groups,
         })
