@@ -198,6 +198,35 @@ def test_bench_packing_smoke(tiny_dir, shared_data, tmp_path):
     assert len(timed) == 4 and all(r["seconds"] > 0 and r["loss"] > 0 for r in timed)
 
 
+def test_bench_packing_per_target_packs_one_targets_pairs_per_row(tiny_dir, shared_data,
+                                                                   tmp_path):
+    """--per-target 2: rows hold one target's 2 pairs (history once for the two), so packed
+    SFT runs fewer tokens per pair, but more than one fixed history per user would."""
+    common = ["--model", str(tiny_dir), "--data", str(shared_data), "--reps", "1",
+              "--examples", "4", "--micro", "2", "--stages", "sft"]
+    rows = run_script("bench_packing.py", *common, "--per-target", "2", "--packed-rows", "2",
+                      "--tmp", str(tmp_path / "t"), out=tmp_path / "per-target.jsonl")
+    fixed = run_script("bench_packing.py", *common, "--tmp", str(tmp_path / "f"),
+                       out=tmp_path / "fixed.jsonl")
+    assert rows[0]["per_target"] == 2 and rows[0]["packed_rows"] == 2
+
+    def tokens(rows):
+        return {r["method"]: r["tokens_per_example"] for r in rows if r.get("summary")}
+
+    per_target, one_history = tokens(rows), tokens(fixed)
+    assert one_history["packed"] < per_target["packed"] < per_target["unpacked"]
+
+    # Keyed as the data files key rows (by history): each key holds one target's 2 pairs.
+    from bench_packing import benchmark_users
+
+    sft_users, _ = benchmark_users(shared_data, 1, 3, 10, per_target=2)
+    by_key: dict[str, list] = {}
+    for ex in sft_users[0]:
+        by_key.setdefault(ex.user, []).append(ex)
+    assert all(len(rows) == 2 and len({(r.history, r.positive_title) for r in rows}) == 1
+               for rows in by_key.values())
+
+
 def test_bench_scoring_both_orders_shares_the_history_across_listings(tiny_dir, shared_data,
                                                                        tmp_path):
     """Evaluation under both listings: one group per pair (history once) agrees with a group
