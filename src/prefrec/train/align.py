@@ -203,9 +203,9 @@ def reference_logps(
                 "n_tokens": torch.tensor([n for _, n in scored], dtype=torch.long),
             }
 
-        def write(path: Path, scored: list[tuple[float, int]]) -> None:
+        def write(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             with atomic_open(path, "wb") as fh:
-                fh.write(safetensors_bytes(as_tensors(scored)))
+                fh.write(safetensors_bytes(tensors))
 
         if n_processes == 1:
             partial_file = cache_file.with_suffix(".partial.safetensors")
@@ -219,7 +219,8 @@ def reference_logps(
                 log.info("reference log-probs: resuming after %d of %d from %s",
                          len(done), len(keys), partial_file)
             scored = _score_reference(model, tokenizer, keys, template, batch_size, max_length,
-                                      done=done, checkpoint=lambda s: write(partial_file, s),
+                                      done=done,
+                                      checkpoint=lambda s: write(partial_file, as_tensors(s)),
                                       save_every_s=save_every_s)
         else:
 
@@ -230,7 +231,7 @@ def reference_logps(
             scored = score_sharded(state, keys, score)
         tensors = as_tensors(scored)
         if state is None or state.is_local_main_process:
-            write(cache_file, scored)
+            write(cache_file, tensors)
             log.info("reference log-probs: computed %d, cached at %s", len(keys), cache_file)
         if n_processes == 1:
             partial_file.unlink(missing_ok=True)
