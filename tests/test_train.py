@@ -636,9 +636,49 @@ def test_rerunning_a_finished_stage_is_a_no_op_and_other_settings_are_refused(
     assert train_sft(cfg, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu") == adapter
     assert (adapter / "adapter_model.safetensors").read_bytes() == before
 
+    # How often a run checkpoints and logs is not what it trains: still the same run.
+    bookkeeping = dataclasses.replace(cfg, save_steps=7, save_minutes=1.0, logging_steps=3)
+    assert train_sft(bookkeeping, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu") == (
+        adapter
+    )
+
     changed = dataclasses.replace(cfg, lr=cfg.lr / 2)
     with pytest.raises(PrefrecError, match=r"other settings \(lr\)"):
         train_sft(changed, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
+
+
+def test_timed_checkpoints_ask_for_a_save_once_the_minutes_have_passed():
+    from transformers import TrainerControl, TrainerState
+
+    from prefrec.train.common import TimedCheckpoints
+
+    now = [100.0]
+    callback = TimedCheckpoints(minutes=2, clock=lambda: now[0])
+    state, control = TrainerState(), TrainerControl()
+    now[0] += 119
+    callback.on_step_end(None, state, control)
+    assert not control.should_save
+    now[0] += 1
+    callback.on_step_end(None, state, control)
+    assert control.should_save
+    callback.on_save(None, state, control)  # the clock restarts at the save
+    control.should_save = False
+    now[0] += 60
+    callback.on_step_end(None, state, control)
+    assert not control.should_save
+
+
+@pytest.mark.parametrize("save_minutes", [0.0, 1e-9])
+def test_save_minutes_checkpoints_between_save_steps(tiny_dir, tmp_path, save_minutes):
+    """With ``save_steps`` far away, only the timer writes checkpoints before the last step
+    (which the Trainer always saves); 0 turns it off."""
+    out = tmp_path / "sft"
+    cfg = SFTConfig(data="ml1m-sft", out=str(out), limit=6, batch_size=2, max_steps=3,
+                    save_steps=1000, save_minutes=save_minutes, save_total_limit=5)
+    train_sft(cfg, str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    timed = ["checkpoint-1", "checkpoint-2"] if save_minutes else []
+    assert ckpts == [*timed, "checkpoint-3"]
 
 
 def test_finished_stage_from_an_older_config_or_another_folder_is_reused(

@@ -428,8 +428,8 @@ def train_align(
         resolve_device,
     )
     from prefrec.train.common import (
-        JsonlLogCallback,
         save_config,
+        stage_callbacks,
         stage_is_done,
         train_and_save,
         training_arguments,
@@ -519,7 +519,7 @@ def train_align(
         train_dataset=dataset,
         data_collator=lambda batch: collate_groups(batch, ref),
         processing_class=tokenizer,
-        callbacks=[JsonlLogCallback(out / "log.jsonl"), EpochCallback(dataset)],
+        callbacks=[*stage_callbacks(cfg, out), EpochCallback(dataset)],
         align=cfg,
         template=template,
     )

@@ -29,6 +29,11 @@ from prefrec.train.distributed import is_main_process
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# Settings that change where and how often a run writes, not what it trains: a run resumed
+# with other values is still the same run.
+BOOKKEEPING_KEYS = frozenset(
+    {"out", "save_steps", "save_minutes", "save_total_limit", "logging_steps", "report_to"}
+)
 
 
 def training_arguments(cfg: Any, out_dir: Path, use_cuda: bool) -> TrainingArguments:
@@ -112,6 +117,43 @@ def last_complete_checkpoint(out_dir: Path) -> str | None:
     if not done:
         return None
     return str(max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :])))
+
+
+class TimedCheckpoints(TrainerCallback):
+    """Ask the Trainer for a checkpoint once ``minutes`` have passed since the last one.
+
+    ``save_steps`` alone is a poor fit for CPU runs, where a step can take 20 s and a run
+    killed just before its 50th step loses a quarter of an hour. In a distributed run rank
+    0's clock decides for every rank, since all of them must enter the save together.
+    """
+
+    def __init__(self, minutes: float, clock=time.monotonic) -> None:
+        self.seconds = minutes * 60.0
+        self.clock = clock
+        self.last = clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        due = self.clock() - self.last >= self.seconds
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from accelerate.utils import broadcast_object_list
+
+            due = broadcast_object_list([due], from_process=0)[0]
+        if due:
+            control.should_save = True
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = self.clock()
+
+
+def stage_callbacks(cfg: Any, out_dir: Path) -> list[TrainerCallback]:
+    """The callbacks every training stage runs: the jsonl log and timed checkpoints."""
+    callbacks: list[TrainerCallback] = [JsonlLogCallback(out_dir / "log.jsonl")]
+    if cfg.save_minutes > 0:
+        callbacks.append(TimedCheckpoints(cfg.save_minutes))
+    return callbacks
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -206,7 +248,8 @@ def stage_is_done(cfg: Any, out_dir: Path) -> bool:
     # A key missing from an older config.yaml had its field's default then.
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changed = sorted(
-        k for k, v in current.items() if k != "out" and saved.get(k, defaults[k]) != v
+        k for k, v in current.items()
+        if k not in BOOKKEEPING_KEYS and saved.get(k, defaults[k]) != v
     )
     if changed:
         raise PrefrecError(

@@ -42,6 +42,10 @@ class TrainConfig:
     seed: int = _f(42, "seed for init, data order and negative sampling")
     logging_steps: int = _f(1, "log every N optimizer steps")
     save_steps: int = _f(50, "checkpoint every N optimizer steps (resume re-runs the command)")
+    save_minutes: float = _f(
+        10.0, "also checkpoint when this many minutes have passed since the last checkpoint "
+        "(0: off), so a slow run killed between --save-steps loses at most this much"
+    )
     save_total_limit: int = _f(2, "keep this many checkpoints")
     report_to: str = _f("none", "none | tensorboard")
     gradient_checkpointing: bool = _f(False, "trade compute for activation memory")

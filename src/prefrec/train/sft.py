@@ -149,8 +149,8 @@ def train_sft(
     from prefrec.data.resolve import resolve_dataset
     from prefrec.model import LoraSettings, attach_lora, load, resolve_device
     from prefrec.train.common import (
-        JsonlLogCallback,
         save_config,
+        stage_callbacks,
         stage_is_done,
         train_and_save,
         training_arguments,
@@ -209,7 +209,7 @@ def train_sft(
     args = training_arguments(cfg, out, use_cuda)
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
-    common = {"model": model, "args": args, "callbacks": [JsonlLogCallback(out / "log.jsonl")]}
+    common = {"model": model, "args": args, "callbacks": stage_callbacks(cfg, out)}
     # Item tokens exist only on the scorer's path, so they take it even when not packing.
     if cfg.pack_by_user or projector is not None:
         units = user_packed_units(examples, pairs, cfg.pack_size if cfg.pack_by_user else 1)
