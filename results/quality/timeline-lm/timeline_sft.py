@@ -6,15 +6,14 @@ liked timeline: the 10 liked titles before a chunk as history, the next CHUNK li
 as the completion (" <Title:a>  <Title:b> ..."). Trains SFT as the study default (rank 16,
 lr 2e-4, batch 8, 1 epoch, bf16) via prefrec.train.sft with sft_pairs extended.
 """
-import random
 import sys
 from pathlib import Path
 
 import prefrec.train.sft as sft_mod
 from prefrec.data import raw
-from prefrec.data.protocols import DMPOConfig, _latest_per_item, build_dmpo, _events_by_user
-from prefrec.data.prompts import DOMAINS, title_tag
 from prefrec.data.formats import load_examples
+from prefrec.data.prompts import DOMAINS, title_tag
+from prefrec.data.protocols import DMPOConfig, _events_by_user, _latest_per_item, build_dmpo
 from prefrec.train.config import SFTConfig
 
 CHUNK, MAX_CHUNKS, HIST = int(sys.argv[2]), int(sys.argv[3]), 10
