@@ -198,9 +198,12 @@ def _assert_same(a, b):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("pack_size", "row_sizes"), [(4, [4, 2, 4]), (1, [1] * 10)])
 def test_packed_sft_loss_and_gradients_equal_the_unpacked_trainer(
-    fixed_data, tiny_llama, tmp_path
+    fixed_data, tiny_llama, tmp_path, pack_size, row_sizes
 ):
+    """Packed rows, and one pair per row (the path unpacked SFT takes), give the loss and
+    gradients of Trainer's causal-LM loss on the same pairs."""
     data, _ = fixed_data
     examples = data.sft[:10]  # two users: 6 + 4 pairs
     model, tokenizer = _lora_model(tiny_llama)
@@ -212,10 +215,10 @@ def test_packed_sft_loss_and_gradients_equal_the_unpacked_trainer(
     packed_trainer = PackedSFTTrainer(model=model, args=_args(tmp_path / "packed"),
                                       processing_class=tokenizer, template=TEMPLATE,
                                       max_length=1024)
-    units = user_packed_units(examples, pairs, pack_size=4)
-    assert [len(u["pairs"]) for u in units] == [4, 2, 4]
+    units = user_packed_units(examples, pairs, pack_size=pack_size)
+    assert [len(u["pairs"]) for u in units] == row_sizes
     batch = collate_packed_sft(units)
-    assert batch["rows"] == [0] * 4 + [1] * 2 + [2] * 4
+    assert batch["rows"] == [row for row, size in enumerate(row_sizes) for _ in range(size)]
     _assert_same(_loss_and_grads(packed_trainer, model, batch), unpacked)
 
 

@@ -3,7 +3,11 @@
 Built on ``transformers.Trainer``: gradient accumulation, the cosine schedule, mixed
 precision, ``report_to``, checkpoints and resume come from the ecosystem. Prompt and
 completion are tokenised exactly as the scorer tokenises them (``tokenize_items``),
-so the SFT model is trained on the token sequences it is later scored on.
+so the SFT model is trained on the token sequences it is later scored on. The loss is
+computed by the scorer too (:class:`PackedSFTTrainer`: one pair per row, or a user's pairs
+that share a history in one packed row); :func:`sft_features` and :func:`collate_sft` give
+the same loss through ``transformers``' causal-LM head, the reference the tests and
+``benchmarks/bench_packing.py`` compare it with.
 """
 
 from __future__ import annotations
@@ -100,7 +104,8 @@ def collate_packed_sft(batch: list[dict[str, list[tuple[str, str]]]]) -> dict[st
 
 
 class PackedSFTTrainer(ItemProjectorLr, Trainer):
-    """``Trainer`` whose SFT loss scores a user's completions in one packed row.
+    """``Trainer`` whose SFT loss scores each row's completions with the scorer: one pair,
+    or a user's pairs that share a history in one packed row.
 
     The row is [history | suffix_1 | ... | suffix_m] under the scorer's block attention
     mask, so the loss equals the unpacked token-mean NLL on the same examples
@@ -210,22 +215,18 @@ def train_sft(
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     common = {"model": model, "args": args, "callbacks": stage_callbacks(cfg, out)}
-    # Item tokens exist only on the scorer's path, so they take it even when not packing.
-    if cfg.pack_by_user or projector is not None:
-        units = user_packed_units(examples, pairs, cfg.pack_size if cfg.pack_by_user else 1)
-        log.info("SFT: %d pairs in %d rows (at most %d pairs each)",
-                 len(pairs), len(units), cfg.pack_size if cfg.pack_by_user else 1)
-        trainer = PackedSFTTrainer(
-            **common, train_dataset=units, data_collator=collate_packed_sft,
-            processing_class=tokenizer, template=template, max_length=cfg.max_length,
-        )
-        trainer.projector_lr = cfg.item_projector_lr
-    else:
-        feats = sft_features(tokenizer, pairs, template, cfg.max_length)
-        trainer = Trainer(
-            **common, train_dataset=feats,
-            data_collator=lambda batch: collate_sft(batch, tokenizer.pad_token_id),
-        )
+    # Every SFT row goes through the scorer's path, packed or one pair per row: it projects
+    # only completion positions through the vocabulary head, 1.2x the pairs/s of Trainer's
+    # causal-LM loss on the same rows (benchmarks/README.md), and item tokens need it.
+    pack_size = cfg.pack_size if cfg.pack_by_user else 1
+    units = user_packed_units(examples, pairs, pack_size)
+    log.info("SFT: %d pairs in %d rows (at most %d pairs each)", len(pairs), len(units),
+             pack_size)
+    trainer = PackedSFTTrainer(
+        **common, train_dataset=units, data_collator=collate_packed_sft,
+        processing_class=tokenizer, template=template, max_length=cfg.max_length,
+    )
+    trainer.projector_lr = cfg.item_projector_lr
     return train_and_save(
         trainer,
         out,
