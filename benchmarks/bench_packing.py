@@ -11,7 +11,8 @@ history among that target's P pairs. At each point of ``--examples``
 (examples per user) every method trains one optimizer step on the same users' first E
 pairs (SFT) or groups (align):
 
-- ``unpacked`` (today's path): SFT through ``transformers.Trainer``'s causal-LM loss on
+- ``unpacked`` (the path before packing; SFT has since moved to the scorer's loss, which
+  ``--pack-size 1`` measures): SFT through ``transformers.Trainer``'s causal-LM loss on
   right-padded sequences, align through ``AlignTrainer`` with one packed row per group
   (its K prompts already share the history inside the group); ``--micro`` sequences or
   groups per forward, gradients accumulated.
