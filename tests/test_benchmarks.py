@@ -227,6 +227,21 @@ def test_bench_packing_per_target_packs_one_targets_pairs_per_row(tiny_dir, shar
                for rows in by_key.values())
 
 
+def test_bench_lora_layers_smoke(tiny_dir, shared_data, tmp_path):
+    """Both stages, all layers vs the last one of the tiny model's two: the last-layer
+    adapter has half the trainable weights, and every setting is timed and summarised."""
+    rows = run_script("bench_lora_layers.py", "--model", str(tiny_dir), "--data",
+                      str(shared_data), "--reps", "1", "--layers", "1", "--examples", "2",
+                      "--groups", "2", "--rank", "4", "--tmp", str(tmp_path / "t"),
+                      out=tmp_path / "layers.jsonl")
+    assert rows[0]["trainable"] == {"all": 2 * rows[0]["trainable"]["1"], "1": 4 * 1024}
+    summaries = {(r["stage"], r["lora_layers"]): r for r in rows if r.get("summary")}
+    assert summaries.keys() == {(s, m) for s in ("sft", "align") for m in ("all", "1")}
+    assert all(r["speedup_vs_all"] > 0 for k, r in summaries.items() if k[1] == "1")
+    timed = [r for r in rows if "rep" in r]
+    assert len(timed) == 4 and all(r["seconds"] > 0 and r["loss"] > 0 for r in timed)
+
+
 def test_bench_scoring_both_orders_shares_the_history_across_listings(tiny_dir, shared_data,
                                                                        tmp_path):
     """Evaluation under both listings: one group per pair (history once) agrees with a group

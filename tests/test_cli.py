@@ -116,6 +116,14 @@ def test_limit_zero_is_refused_not_read_as_no_limit(cmd, capsys):
     assert "--limit 0: expected at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("cmd", [["sft"], ["align"]])
+def test_lora_layers_zero_is_refused(cmd, capsys):
+    code = main([*cmd, "--data", "ml1m-sft", "--out", "x", "--lora-layers", "0"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lora-layers 0: expected at least 1" in err and "\n" not in err
+
+
 def test_every_source_folder_is_a_package_the_wheel_ships():
     """setuptools' find_packages skips folders without __init__.py: a non-editable
     install would then miss them, while editable installs (and so the tests) still work."""

@@ -19,6 +19,7 @@ from prefrec.model import (
     LoraSettings,
     attach_lora,
     avoid_cudnn_attention,
+    decoder_linear_names,
     load,
     load_adapter,
     load_for_scoring,
@@ -285,6 +286,37 @@ def test_attach_lora_trains_only_the_adapter(tiny_llama):
     # r * (in + out) summed = 16 * (2*128 + 2*96 + 3*192) * 2 layers.
     assert peft_model.get_nb_trainable_parameters()[0] == 16 * (256 + 192 + 576) * 2
     torch.testing.assert_close(_logits(peft_model, tokenizer), before)  # B = 0 at start
+
+
+def test_lora_on_the_last_layers_adapts_and_backpropagates_only_those(tiny_llama):
+    base, tokenizer = tiny_llama
+    linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert decoder_linear_names(base) == linear
+    peft_model = attach_lora(copy.deepcopy(base), LoraSettings(layers=1)).train()
+    # The same names from a model that already carries an adapter (the preference stage's).
+    assert decoder_linear_names(peft_model) == linear
+    adapted = {n.split(".layers.")[1].split(".")[0] for n, p in peft_model.named_parameters()
+               if p.requires_grad}
+    assert adapted == {"1"}  # the tiny Llama has layers 0 and 1
+    assert peft_model.get_nb_trainable_parameters()[0] == 16 * (256 + 192 + 576)
+    assert peft_model.peft_config["default"].layers_to_transform == [1]
+
+    # No backward pass below the lowest adapted layer: layer 0's output is outside the graph.
+    layers = peft_model.get_base_model().model.layers
+    in_graph = {}
+    for i in (0, 1):
+        layers[i].register_forward_hook(
+            lambda _m, _a, out, i=i: in_graph.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    peft_model(**tokenizer(["a b c d"], return_tensors="pt"))
+    assert in_graph == {0: False, 1: True}
+
+    with pytest.raises(PrefrecError, match="2 decoder layers"):
+        attach_lora(copy.deepcopy(base), LoraSettings(layers=3))
+    with pytest.raises(PrefrecError, match="at least 1"):
+        LoraSettings(layers=0)
+    with pytest.raises(PrefrecError, match="model is needed"):
+        LoraSettings(layers=1).to_peft()
 
 
 def test_saved_adapter_reloads_with_peft_and_leaves_base_unchanged(tiny_llama, tmp_path):

@@ -211,6 +211,25 @@ def test_sft_writes_adapter_config_log_and_curves(sft_run, tiny_dir):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lora_layers_reach_both_stages_adapters(tiny_dir, tmp_path, monkeypatch):
+    """--lora-layers 1 on the 2-layer model: SFT and preference adapters hold LoRA weights
+    for the last layer only, and PEFT reloads them as such."""
+    from peft import PeftConfig
+
+    monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
+    sft = train_sft(SFTConfig(data="ml1m-sft", out=str(tmp_path / "sft"), limit=2, batch_size=2,
+                              epochs=1, lora_layers=1, save_steps=1000),
+                    str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
+    align = tmp_path / "align"
+    train_align(_align_cfg(align, sft, lora_layers=1), str(tiny_dir), TEMPLATE,
+                dtype="float32", device="cpu")
+    for adapter in (sft, align / "adapter"):
+        assert PeftConfig.from_pretrained(str(adapter)).layers_to_transform == [1]
+        layers = {re.search(r"layers\.(\d+)\.", n).group(1)
+                  for n in load_file(adapter / "adapter_model.safetensors")}
+        assert layers == {"1"}, adapter
+
+
 # --------------------------------------------------------------------------- align: losses
 
 

@@ -557,29 +557,96 @@ class LoraSettings:
         },
     )
 
+    layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Adapt only the last N decoder layers (None: all). Layers below the "
+            "lowest adapted one then need no backward pass, so a training step is cheaper."
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.r < 1:
             raise PrefrecError(f"LoRA r must be at least 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise PrefrecError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        if self.layers is not None and self.layers < 1:
+            raise PrefrecError(f"LoRA layers must be at least 1 (or unset for all), got {self.layers}")
 
-    def to_peft(self) -> LoraConfig:
-        """The equivalent ``peft.LoraConfig`` for a causal LM."""
+    def to_peft(self, model: PreTrainedModel | PeftModel | None = None) -> LoraConfig:
+        """The equivalent ``peft.LoraConfig`` for a causal LM.
+
+        With ``layers`` set, ``model`` is needed: PEFT's ``layers_to_transform`` takes layer
+        indices and an explicit module list, so the layer count and, for "all-linear", the
+        linear modules' names come from it.
+        """
         from peft import LoraConfig, TaskType
 
         target = self.target_modules
         if isinstance(target, str) and "," in target:  # "q_proj,v_proj" from a CLI or YAML
             target = [name.strip() for name in target.split(",") if name.strip()]
+        layers = None
+        if self.layers is not None:
+            if model is None:
+                raise PrefrecError("LoRA layers: the model is needed to pick its last layers")
+            count = decoder_layer_count(model)
+            if self.layers > count:
+                raise PrefrecError(
+                    f"LoRA layers: {self.layers} asked for, the model has {count} decoder layers"
+                )
+            layers = list(range(count - self.layers, count))
+            if target == "all-linear":
+                target = decoder_linear_names(model)
+            elif isinstance(target, str):
+                target = [target]
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=target if isinstance(target, str) else list(target),
+            layers_to_transform=layers,
             task_type=TaskType.CAUSAL_LM,
         )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# The containers PEFT's layers_to_transform looks for (its default layers_pattern).
+_LAYER_CONTAINERS = ("layers", "h", "blocks", "layer")
+
+
+def decoder_layer_count(model: PreTrainedModel | PeftModel) -> int:
+    """The number of decoder layers (a multimodal config's text model's)."""
+    config = model.config
+    return (getattr(config, "text_config", None) or config).num_hidden_layers
+
+
+def decoder_linear_names(model: PreTrainedModel | PeftModel) -> list[str]:
+    """Names of the linear modules inside the decoder layers ("all-linear" spelt out).
+
+    A LoRA-wrapped module counts under its own name, not its ``base_layer`` or ``lora_*``
+    children, so the same list comes from a plain model and from one that already has an
+    adapter.
+    """
+    import torch
+
+    names: set[str] = set()
+    for full_name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parts = full_name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        if "base_layer" in parts:
+            parts = parts[: parts.index("base_layer")]
+        in_layer = any(
+            p.isdigit() and i > 0 and parts[i - 1] in _LAYER_CONTAINERS
+            for i, p in enumerate(parts[:-1])
+        )
+        if in_layer:
+            names.add(parts[-1])
+    return sorted(names)
 
 
 def attach_lora(
@@ -594,7 +661,7 @@ def attach_lora(
     """
     from peft import PeftModel, get_peft_model
 
-    config = settings.to_peft()
+    config = settings.to_peft(model)
     was_training = model.training
     if isinstance(model, PeftModel):
         model.add_adapter(adapter_name, config)
@@ -811,5 +878,8 @@ def model_info(
         info["loaded_from_cache"] = from_cache
     settings = lora if lora is not None else LoraSettings()
     info["lora_trainable_parameters"] = count_parameters(attach_lora(model, settings))[1]
-    info["lora"] = f"r={settings.r} alpha={settings.alpha} target={settings.target_modules}"
+    layers = "all" if settings.layers is None else f"last {settings.layers}"
+    info["lora"] = (
+        f"r={settings.r} alpha={settings.alpha} target={settings.target_modules} layers={layers}"
+    )
     return info

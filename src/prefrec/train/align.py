@@ -493,7 +493,7 @@ def train_align(
     policy = attach_lora(
         reference,
         LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                     target_modules=cfg.target_modules),
+                     target_modules=cfg.target_modules, layers=cfg.lora_layers),
     )
     if projector is not None:
         # Trained from here on: the reference log-probs it shaped are already cached.

@@ -193,6 +193,7 @@ def train_sft(
             alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules,
+            layers=cfg.lora_layers,
         ),
     )
     projector = None
