@@ -40,7 +40,7 @@ class TrainConfig:
     target_modules: str = _f("all-linear", "LoRA target modules: all-linear or comma list")
     lora_layers: int | None = _f(
         None, "LoRA on the last N decoder layers only (default: all); the layers below then "
-        "need no backward pass: at 15 of SmolLM2's 30 a training step is ~1.9x faster "
+        "need no backward pass: at 15 of SmolLM2's 30 a CPU training step is ~1.7x faster "
         "(benchmarks/README.md)"
     )
     limit: int | None = _f(None, "train on the first N examples / groups only")
