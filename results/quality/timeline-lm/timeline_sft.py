@@ -44,8 +44,11 @@ for user in train_users:
         rows.append((instr, comp))
 print(f"{len(rows)} timeline rows from {len(train_users)} users", flush=True)
 original = sft_mod.sft_pairs
-ONLY = len(sys.argv) > 4 and sys.argv[4] == 'only'
-sft_mod.sft_pairs = lambda examples: (rows if ONLY else original(examples) + rows)
+MODE = sys.argv[4] if len(sys.argv) > 4 else 'mix'  # only | mix | pairs
+extra = {'only': rows, 'mix': rows, 'pairs': []}[MODE]
+sft_mod.sft_pairs = lambda examples: ([] if MODE == 'only' else original(examples)) + extra
+# One pair per row, every pair (the rows are not examples, so pack by position).
+sft_mod.user_packed_units = lambda examples, pairs, size: [{"pairs": [p]} for p in pairs]
 scfg = SFTConfig(data=sft_file, out=str(out), epochs=1, batch_size=8, lr=2e-4, lora_r=16,
                  lora_alpha=32, seed=42)
 sft_mod.train_sft(scfg, "smollm2-135m", "alpaca", dtype="bfloat16", device="cpu")
