@@ -218,7 +218,7 @@ def test_lora_layers_reach_both_stages_adapters(tiny_dir, tmp_path, monkeypatch)
 
     monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
     sft = train_sft(SFTConfig(data="ml1m-sft", out=str(tmp_path / "sft"), limit=2, batch_size=2,
-                              epochs=1, lora_layers=1, save_steps=1000),
+                              epochs=3, lr=1e-2, lora_layers=1, save_steps=1000),
                     str(tiny_dir), TEMPLATE, dtype="float32", device="cpu")
     align = tmp_path / "align"
     train_align(_align_cfg(align, sft, lora_layers=1), str(tiny_dir), TEMPLATE,
@@ -228,6 +228,12 @@ def test_lora_layers_reach_both_stages_adapters(tiny_dir, tmp_path, monkeypatch)
         layers = {re.search(r"layers\.(\d+)\.", n).group(1)
                   for n in load_file(adapter / "adapter_model.safetensors")}
         assert layers == {"1"}, adapter
+    # The chain merges for scoring: layer 0 keeps the base weights, layer 1 does not (SFT
+    # trained 3 steps; the first is at lr 0 in warm-up, so one step would change nothing).
+    base = load_for_scoring(str(tiny_dir))[0].state_dict()
+    merged = load_for_scoring(str(tiny_dir), [sft, align / "adapter"])[0].state_dict()
+    changed = {k.split(".")[2] for k in base if not torch.equal(base[k], merged[k])}
+    assert changed == {"1"}
 
 
 # --------------------------------------------------------------------------- align: losses
