@@ -618,8 +618,13 @@ _LAYER_CONTAINERS = ("layers", "h", "blocks", "layer")
 
 def decoder_layer_count(model: PreTrainedModel | PeftModel) -> int:
     """The number of decoder layers (a multimodal config's text model's)."""
+    return text_config(model).num_hidden_layers
+
+
+def text_config(model: PreTrainedModel | PeftModel) -> Any:
+    """The config of the model's language part (the config itself for a text-only model)."""
     config = model.config
-    return (getattr(config, "text_config", None) or config).num_hidden_layers
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def decoder_linear_names(model: PreTrainedModel | PeftModel) -> list[str]:
@@ -853,9 +858,7 @@ def model_info(
     started = time.perf_counter()
     model, tokenizer = load(name_or_path, dtype=dtype, device=device, cache_dir=cache_dir)
     load_seconds = time.perf_counter() - started
-    config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    )
+    config = text_config(model)
     total, trainable = count_parameters(model)
     info: dict[str, Any] = {
         "model": name_or_path,
