@@ -420,21 +420,25 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
     if not points:
         return False
     stages = [s for s in ("sft", "align") if any(p["stage"] == s for p in points)]
-    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 6.2), squeeze=False)
     titles = {"sft": "SFT: pairs seen", "align": "preference stage: groups seen"}
     for ax, stage in zip(axes[0], stages, strict=True):
         mine = [p for p in points if p["stage"] == stage]
         baseline_styles = iter([("#333333", "--", "s"), ("#777777", ":", "D"),
                                 ("#aaaaaa", "-.", "^")] * 4)
+        # tab10 without its grey, which the baselines use
+        model_colors = iter([c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] * 4)
         for series in dict.fromkeys(p["series"] for p in mine):
             pts = sorted((p for p in mine if p["series"] == series), key=lambda p: p["examples"])
             xs = [p["examples"] for p in pts]
             ys = [p["value"] for p in pts]
             err = [[p["value"] - p["ci_low"] for p in pts], [p["ci_high"] - p["value"] for p in pts]]
-            style = {"marker": "o"}
+            style: dict[str, Any] = {"marker": "o"}
             if pts[0].get("baseline"):
                 color, line, marker = next(baseline_styles)
                 style = {"color": color, "linestyle": line, "marker": marker}
+            else:
+                style["color"] = next(model_colors)
             ax.errorbar(xs, ys, yerr=err, capsize=3, label=series, **style)
         for (name, value), style in zip(baselines.items(), (":", "--", "-."), strict=False):
             ax.axhline(value, color="#777777", linestyle=style, linewidth=1,
@@ -449,7 +453,8 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
         ax.set_xlabel(titles[stage] + " (log scale)")
         ax.set_ylabel(f"{metric} (95% CI)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # below the panel: with a dozen series, any spot inside hides points
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     fig.suptitle("Learning curve: validation users")
     fig.tight_layout()
     save_png(fig, path)
