@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
@@ -427,7 +428,8 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
         baseline_styles = iter([("#333333", "--", "s"), ("#777777", ":", "D"),
                                 ("#aaaaaa", "-.", "^")] * 4)
         # tab10 without its grey, which the baselines use
-        model_colors = iter([c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7] * 4)
+        model_colors = itertools.cycle(
+            [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7])
         for series in dict.fromkeys(p["series"] for p in mine):
             pts = sorted((p for p in mine if p["series"] == series), key=lambda p: p["examples"])
             xs = [p["examples"] for p in pts]
