@@ -255,3 +255,46 @@ def test_item_projector_lr_gives_the_projector_its_own_learning_rate(tiny_dir, t
 
     torch.testing.assert_close(trained_weight("frozen", 0.0), initial)
     assert not torch.allclose(trained_weight("shared", None), initial)
+
+
+def test_item_projector_warmup_trains_the_projector_alone_first(tiny_dir, tmp_path,
+                                                                monkeypatch):
+    """item_projector_warmup_steps=2: after 2 steps the LoRA weights are still their
+    initial values (B = 0) while the projector moved; on step 3 the LoRA trains too."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("PREFREC_CACHE", str(tmp_path / "cache"))
+
+    def trained(name, steps):
+        cfg = SFTConfig(data="ml1m-sft", out=str(tmp_path / name), limit=6, batch_size=2,
+                        max_steps=steps, lr=5e-2, save_steps=100, warmup_ratio=0.0,
+                        item_embeddings="bpr", item_projector_warmup_steps=2)
+        adapter = train_sft(cfg, str(tiny_dir), "alpaca", dtype="float32", device="cpu")
+        lora = load_file(str(adapter / "adapter_model.safetensors"))
+        lora_b = [w for k, w in lora.items() if "lora_B" in k]
+        return lora_b, load_file(str(adapter / WEIGHTS_FILE))["mlp.0.weight"]
+
+    from prefrec.data.formats import load_examples
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.item_tokens import build_projector
+    from prefrec.model import load
+
+    examples = load_examples(resolve_dataset("ml1m-sft"))[:6]
+    hidden = load(str(tiny_dir), dtype="float32")[0].get_input_embeddings().embedding_dim
+    initial = build_projector(examples, "bpr", hidden, 42).state_dict()["mlp.0.weight"]
+    lora_b, projector = trained("warm", 2)
+    assert lora_b and all(torch.count_nonzero(w) == 0 for w in lora_b)
+    assert not torch.allclose(projector, initial)
+    lora_b, _ = trained("after", 3)
+    assert any(torch.count_nonzero(w) > 0 for w in lora_b)
+
+
+def test_item_projector_warmup_needs_item_embeddings():
+    import argparse
+
+    from prefrec.train.config import config_from_args
+
+    args = argparse.Namespace(data="x", out="y", item_embeddings="none",
+                              item_projector_warmup_steps=10)
+    with pytest.raises(PrefrecError, match="--item-projector-warmup-steps 10"):
+        config_from_args(SFTConfig, args)

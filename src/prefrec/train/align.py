@@ -524,6 +524,7 @@ def train_align(
         template=template,
     )
     trainer.projector_lr = cfg.item_projector_lr
+    trainer.projector_warmup_steps = cfg.item_projector_warmup_steps
     return train_and_save(
         trainer,
         out,

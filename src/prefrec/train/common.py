@@ -16,13 +16,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import TrainerCallback, TrainingArguments
 
+from prefrec.errors import PrefrecError
 from prefrec.io import append_jsonl, atomic_write_text
 from prefrec.train.distributed import is_main_process
 
@@ -181,20 +182,48 @@ def move_to_own_group(optimizer, params: Sequence, **settings: Any) -> None:
 
 
 class ItemProjectorLr:
-    """Trainer mixin: with ``projector_lr`` set, the item projector's parameters get that
-    peak learning rate in a parameter group of their own (the LoRA weights keep ``lr``)."""
+    """Trainer mixin: the item projector's own learning rate and warm-up.
+
+    With ``projector_lr`` or ``projector_warmup_steps`` set, the projector's parameters go
+    into a parameter group of their own, at ``projector_lr`` (default: the run's ``lr``).
+    For the first ``projector_warmup_steps`` optimizer steps every other group's learning
+    rate is held at 0, so only the projector trains (LLaVA's feature-alignment stage); the
+    schedule then goes on for all groups from where it is.
+    """
 
     projector_lr: float | None = None
+    projector_warmup_steps: int = 0
 
     def create_optimizer(self, model=None):
         from prefrec.item_tokens import item_projector_of
 
         optimizer = super().create_optimizer(model)
         projector = item_projector_of(self.model)
-        if self.projector_lr is not None and projector is not None:
+        if (self.projector_lr is not None or self.projector_warmup_steps) and projector is not None:
             move_to_own_group(optimizer, [p for p in projector.parameters() if p.requires_grad],
-                              lr=self.projector_lr, weight_decay=self.args.weight_decay)
+                              lr=self.args.learning_rate if self.projector_lr is None
+                              else self.projector_lr,
+                              weight_decay=self.args.weight_decay, item_projector=True)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.projector_warmup_steps:
+            if not hasattr(scheduler, "lr_lambdas"):
+                raise PrefrecError(f"--scheduler {self.args.lr_scheduler_type}: the item "
+                                   "projector's warm-up needs a per-group (LambdaLR) schedule")
+            n = self.projector_warmup_steps
+            for i, group in enumerate(scheduler.optimizer.param_groups):
+                if not group.get("item_projector"):
+                    scheduler.lr_lambdas[i] = _held_at_zero(scheduler.lr_lambdas[i], n)
+                    group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[i](
+                        scheduler.last_epoch)
+        return scheduler
+
+
+def _held_at_zero(schedule: Callable[[int], float], steps: int) -> Callable[[int], float]:
+    """``schedule`` with its factor 0 for the first ``steps`` steps."""
+    return lambda step: 0.0 if step < steps else schedule(step)
 
 
 class ItemProjectorCheckpoints(TrainerCallback):
@@ -212,7 +241,6 @@ class ItemProjectorCheckpoints(TrainerCallback):
 
 def restore_item_projector(projector, checkpoint: str) -> None:
     """Load the projector weights a checkpoint holds into ``projector`` (in place)."""
-    from prefrec.errors import PrefrecError
     from prefrec.item_tokens import ItemProjector
 
     saved = ItemProjector.load(checkpoint)

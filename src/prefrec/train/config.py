@@ -71,6 +71,11 @@ class TrainConfig:
         None, "with --item-embeddings: the item projector's peak learning rate (default: "
         "--lr); a fresh projector learns only through the few completion tokens that rank"
     )
+    item_projector_warmup_steps: int = _f(
+        0, "with --item-embeddings: the first N optimizer steps train the item projector "
+        "alone (every other weight's learning rate held at 0), LLaVA's feature-alignment "
+        "stage, so the LoRA starts on item vectors that already mean something"
+    )
     both_orders: bool = _f(
         False, "pairwise data: also train on every example with its two candidates listed "
         "the other way round (against position bias; twice the data)"
@@ -151,6 +156,10 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     if values.get("item_embeddings", "none") not in ITEM_SOURCES:
         raise PrefrecError(f"--item-embeddings {values['item_embeddings']}: expected one of "
                            f"{', '.join(ITEM_SOURCES)}")
+    warmup = values.get("item_projector_warmup_steps") or 0
+    if warmup < 0 or (warmup and values.get("item_embeddings", "none") == "none"):
+        raise PrefrecError(f"--item-projector-warmup-steps {warmup}: expected 0, or a positive "
+                           "number with --item-embeddings bpr|sasrec")
     if values.get("pack_size") is not None and values["pack_size"] < 1:
         raise PrefrecError(f"--pack-size {values['pack_size']}: expected at least 1")
     if values.get("lora_layers") is not None and values["lora_layers"] < 1:

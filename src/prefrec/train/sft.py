@@ -228,6 +228,7 @@ def train_sft(
         processing_class=tokenizer, template=template, max_length=cfg.max_length,
     )
     trainer.projector_lr = cfg.item_projector_lr
+    trainer.projector_warmup_steps = cfg.item_projector_warmup_steps
     return train_and_save(
         trainer,
         out,
