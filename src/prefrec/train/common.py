@@ -208,12 +208,14 @@ class ItemProjectorLr:
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.projector_warmup_steps:
+        groups = scheduler.optimizer.param_groups
+        # Without a projector group (no item tokens) there is nothing to warm up.
+        if self.projector_warmup_steps and any(g.get("item_projector") for g in groups):
             if not hasattr(scheduler, "lr_lambdas"):
                 raise PrefrecError(f"--scheduler {self.args.lr_scheduler_type}: the item "
                                    "projector's warm-up needs a per-group (LambdaLR) schedule")
             n = self.projector_warmup_steps
-            for i, group in enumerate(scheduler.optimizer.param_groups):
+            for i, group in enumerate(groups):
                 if not group.get("item_projector"):
                     scheduler.lr_lambdas[i] = _held_at_zero(scheduler.lr_lambdas[i], n)
                     group["lr"] = group["initial_lr"] * scheduler.lr_lambdas[i](
