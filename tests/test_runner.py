@@ -329,3 +329,40 @@ def test_selection_split_experiment_has_disjoint_users(tmp_path, tiny_dir, share
     # S-DPO's reported metrics head the table
     md = (tmp_path / "sel" / "report.md").read_text()
     assert "| model | kind | hr@1 | hr@5 | ndcg@5 | ndcg@10 | mrr |" in md
+
+
+def test_data_rich_config_runs_its_item_token_recipe_end_to_end(tmp_path, tiny_dir):
+    """configs/ml100k-data-rich.yaml's defaults (per-target histories shared by 2 pairs,
+    packed SFT with BPR item tokens and a projector warm-up, LoRA on the last layers, DMPO,
+    the unseen test users via cross_eval) run through the runner, shrunk to a tiny model."""
+    from collections import Counter
+
+    from prefrec.data.formats import load_examples
+    from prefrec.item_tokens import WEIGHTS_FILE
+
+    out = tmp_path / "rich"
+    config = load_config(Path(__file__).parents[1] / "configs" / "ml100k-data-rich.yaml", [
+        f"model={tiny_dir}", "dtype=float32", "device=cpu", f"out={out}",
+        "zero_shot=false", "build.sft_users=30", "build.dpo_users=30",
+        "build.valid_users=5", "build.eval_users=5",
+        "sft.limit=8", "sft.max_steps=2", "sft.batch_size=2", "sft.lora_r=4",
+        "sft.lora_alpha=8", "sft.lora_layers=1", "sft.item_projector_warmup_steps=1",
+        "align.limit=4", "align.max_steps=1", "align.batch_size=2", "align.lora_r=4",
+        "align.lora_alpha=8", "align.lora_layers=1",
+        "eval.limit=6", "eval.n_boot=50", "baselines.methods=[popularity]",
+        "significance.n_boot=50"])
+    run(config)
+    # Each training target has its own history, shared by the 2 SFT pairs drawn for it.
+    sft = load_examples(out / "data" / "ml100k_sft_ranking.json")
+    shared = Counter(tuple(ex.history) for ex in sft).values()
+    assert max(shared) == 2 and 2 * sum(n == 2 for n in shared) >= 0.9 * len(sft)
+    # Both stages save the item projector with their adapter; the models are scored on
+    # the valid users and on the unseen test users.
+    for stage in ("sft", "dmpo-k3"):
+        assert (out / "ml100k" / stage / "adapter" / WEIGHTS_FILE).is_file(), stage
+    results = json.loads((out / "results.json").read_text())
+    exp = results["experiments"]["ml100k"]
+    assert {"sft", "dmpo-k3"} <= set(exp["models"]) and "zero-shot" not in exp["models"]
+    for label in ("sft", "dmpo-k3"):
+        assert exp["models"][label]["metrics"]["pairwise_accuracy"]["n"] == 6
+        assert exp["cross"]["test"][label]["metrics"]["pairwise_accuracy"]["n"] == 6
