@@ -63,13 +63,13 @@ class EvalSettings:
 
 # Settings keys added after evaluations were already on disk, with the value those
 # evaluations implicitly had (every earlier one ran in float32 on the given order).
-_LEGACY_SETTINGS = {"dtype": "float32", "orders": "given"}
+LEGACY_SETTINGS = {"dtype": "float32", "orders": "given"}
 ORDERS = ("given", "both")
 
 
 def same_settings(previous: dict[str, Any] | None, settings: EvalSettings) -> bool:
     """Whether a stored settings dict describes the same evaluation as ``settings``."""
-    return previous is not None and {**_LEGACY_SETTINGS, **previous} == asdict(settings)
+    return previous is not None and {**LEGACY_SETTINGS, **previous} == asdict(settings)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

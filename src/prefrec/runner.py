@@ -16,7 +16,9 @@ Every stage is resumable: training stages are no-ops once their adapter exists (
 refuse a changed config), evaluations return at once when their ``metrics.json`` holds
 the same settings, and a killed evaluation continues from its per-example file. So
 re-running the same command after a crash continues where it stopped. Stage wall times
-are appended to ``stages.jsonl``.
+are appended to ``stages.jsonl``. Across machines or fresh clones, ``--publish`` /
+``--restore`` carry the run's record (:mod:`prefrec.record`): a restored model whose
+evaluations are all on disk is neither retrained nor rescored.
 
 Output layout (``out`` in the config)::
 
@@ -39,7 +41,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -382,10 +384,12 @@ def experiments(config: dict[str, Any]) -> list[Experiment]:
 
 
 class StageLog:
-    """Appends one row per stage to ``stages.jsonl`` and logs it."""
+    """Appends one row per stage to ``stages.jsonl`` and logs it; ``after_stage`` (e.g.
+    publishing the run's record) is called when each stage has finished."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, after_stage: Callable[[], Any] | None = None) -> None:
         self.path = path
+        self.after_stage = after_stage
 
     def run(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)``, timed and logged as stage ``name``."""
@@ -397,6 +401,8 @@ class StageLog:
             append_jsonl(fh, {"stage": name, "seconds": round(seconds, 2),
                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         log.info("stage %s: done in %.1f s", name, seconds)
+        if self.after_stage is not None:
+            self.after_stage()
         return result
 
 
@@ -465,6 +471,10 @@ def _first_k(config: dict[str, Any]) -> int:
 def _eval(config: dict[str, Any], data: str, out: Path, adapter: Path | None) -> None:
     from prefrec.evaluate import run_eval
 
+    if adapter is not None and not adapter.is_dir() and evaluation_on_disk(config, data, out,
+                                                                            adapter):
+        log.info("%s: restored evaluation of %s (adapter not on disk): kept", out, adapter)
+        return
     ev = config["eval"]
     run_eval(
         data, out, model=config["model"], adapter=adapter, template=config["template"],
@@ -473,6 +483,38 @@ def _eval(config: dict[str, Any], data: str, out: Path, adapter: Path | None) ->
         n_boot=ev["n_boot"], dtype=config["dtype"], device=config["device"],
         orders=ev["orders"],
     )
+
+
+def evaluation_on_disk(config: dict[str, Any], data: str, folder: Path,
+                       adapter: Path | None) -> bool:
+    """Whether ``folder`` holds a finished evaluation of ``adapter`` on ``data`` with the
+    config's eval settings, judged from its ``metrics.json`` alone, so it also answers for a
+    restored record whose adapter is gone (:mod:`prefrec.record`)."""
+    from prefrec.data.resolve import resolve_dataset
+    from prefrec.evaluate import LEGACY_SETTINGS
+    from prefrec.model import resolve_device, resolve_dtype
+
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return False
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8")).get("settings") or {}
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    ev = config["eval"]
+    modes = ["likelihood", "generate"] if ev["mode"] == "both" else [ev["mode"]]
+    dtype = str(resolve_dtype(config["dtype"], resolve_device(config["device"])))
+    wanted = {
+        "data": str(resolve_dataset(data, data_dir=config["data_dir"])),
+        "limit": ev["limit"], "seed": ev["seed"], "modes": modes,
+        "orders": ev["orders"], "dtype": dtype.removeprefix("torch."),
+    }
+    if "generate" in modes:
+        wanted["max_new_tokens"] = ev["max_new_tokens"]
+    have = {**LEGACY_SETTINGS, **settings}
+    tail = [] if adapter is None else [str(adapter)]
+    return all(have.get(k) == v for k, v in wanted.items()) and \
+        list(have.get("adapters") or [])[-1:] == tail
 
 
 def _eval_mode_for(config: dict[str, Any], data: str) -> dict[str, Any]:
@@ -542,7 +584,37 @@ def trained_models(config: dict[str, Any], exp: Experiment, out: Path) -> dict[s
     return models
 
 
-def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: StageLog) -> None:
+def restored_models(config: dict[str, Any], exp: Experiment, out: Path,
+                    others: Sequence[Experiment] = ()) -> set[str]:
+    """Labels of the trained models whose adapter is not on disk but whose every evaluation
+    is (on ``exp``'s eval set and on each of ``others``'): models of a restored record
+    (:mod:`prefrec.record`), with nothing left to train or score. SFT counts only when every
+    preference model does too, since those that still train start from its adapter."""
+    aliases = model_aliases(config)
+    models = {label: adapter for label, adapter in trained_models(config, exp, out).items()
+              if adapter is not None and label not in aliases}
+    done = set()
+    for label, adapter in models.items():
+        if adapter.is_dir():
+            continue
+        folders = [(exp.eval, out / exp.name / "eval" / label)]
+        folders += [(o.eval, out / exp.name / "cross" / o.name / label) for o in others]
+        if all(evaluation_on_disk(_eval_mode_for(config, data), data, folder, adapter)
+               for data, folder in folders):
+            done.add(label)
+    if "sft" in done and not set(models) <= done:
+        done.discard("sft")
+    return done
+
+
+def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: StageLog,
+                   others: Sequence[Experiment] = ()) -> None:
+    """Every stage of one experiment; ``others``: the experiments its models are also
+    evaluated on (``cross_eval``), which decide whether a restored model is complete."""
+    restored = restored_models(config, exp, out, others)
+    for label in sorted(restored):
+        log.info("%s/%s: every evaluation is in the restored record and its adapter is not "
+                 "on disk: not trained or scored again", exp.name, label)
     if exp.split:
         stages.run(f"{exp.name}/split", _split_files, config, exp)
     stages.run(f"{exp.name}/audit", _audit, config, exp, out)
@@ -552,7 +624,15 @@ def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: S
         stages.run(f"{exp.name}/eval/zero-shot", _eval, ev_config, exp.eval,
                    evals / "zero-shot", None)
     sft_adapter = None
-    if config["sft"] not in (None, False) and exp.sft:
+    if config["sft"] not in (None, False) and exp.sft and "sft" in restored:
+        sft_adapter = out / exp.name / "sft" / "adapter"
+    elif config["sft"] not in (None, False) and exp.sft:
+        if not (out / exp.name / "sft" / "adapter").is_dir() and \
+                evaluation_on_disk(ev_config, exp.eval, evals / "sft",
+                                   out / exp.name / "sft" / "adapter"):
+            log.warning("%s/sft: trained again as the base of the models still to train; its "
+                        "restored evaluation is kept (a retrain on other hardware or thread "
+                        "counts can differ slightly from the model it scored)", exp.name)
         sft_adapter = stages.run(f"{exp.name}/sft", _sft, config, exp, out)
         stages.run(f"{exp.name}/eval/sft", _eval, ev_config, exp.eval, evals / "sft",
                    sft_adapter)
@@ -564,6 +644,8 @@ def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: S
                 if label in aliases:
                     log.info("%s is %s (the same loss at K=1): not trained again", label,
                              aliases[label])
+                    continue
+                if label in restored:
                     continue
                 adapter = stages.run(f"{exp.name}/{label}", _align, config, exp, out,
                                      sft_adapter, loss, k)
@@ -604,15 +686,38 @@ def run_cross(config: dict[str, Any], exps: list[Experiment], out: Path, stages:
             other = by_name[other_name]
             ev_config = _eval_mode_for(config, other.eval)
             aliases = model_aliases(config)
+            restored = restored_models(config, exp, out, [by_name[n] for n in exp.cross_eval])
             for label, adapter in trained_models(config, exp, out).items():
                 if label == "zero-shot" or label in aliases:
                     continue  # the other experiment's zero-shot row / the same model's covers it
+                if label in restored:
+                    continue
                 stages.run(f"{exp.name}/cross/{other_name}/{label}", _eval, ev_config,
                            other.eval, out / exp.name / "cross" / other.name / label, adapter)
 
 
-def run(config: dict[str, Any]) -> Path:
-    """Execute every stage of ``config`` (skipping finished ones) and write the report."""
+def data_folders(config: dict[str, Any], exps: list[Experiment]) -> list[Path]:
+    """Folders of data files the run builds or splits (left out of its record)."""
+    out = Path(config["out"])
+    folders = [out / exp.name / "data" for exp in exps]
+    if config["build"] and config["data_dir"] is not None:
+        folders.append(Path(config["data_dir"]))
+    return [f for f in folders if f.resolve() != out.resolve()]
+
+
+def publish(config: dict[str, Any], exps: list[Experiment], dest: Path) -> None:
+    """Copy the run's record (:mod:`prefrec.record`) to ``dest``."""
+    from prefrec.record import publish_record
+
+    n = publish_record(Path(config["out"]), dest, data_folders(config, exps))
+    log.info("published the run's record (%d files) to %s", n, dest)
+
+
+def run(config: dict[str, Any], publish_to: Path | None = None) -> Path:
+    """Execute every stage of ``config`` (skipping finished ones) and write the report.
+
+    ``publish_to``: a folder that receives the run's record after every stage and, at the
+    end, with the report (:func:`publish`)."""
     from prefrec.report import write_report
 
     out = Path(config["out"])
@@ -623,16 +728,20 @@ def run(config: dict[str, Any]) -> Path:
         log.warning("%s was written by another config; finished stages whose settings "
                     "changed will be refused, unchanged ones reused", saved)
     atomic_write_text(saved, text)
-    stages = StageLog(out / "stages.jsonl")
+    exps = experiments(config)
+    after = None if publish_to is None else (lambda: publish(config, exps, publish_to))
+    stages = StageLog(out / "stages.jsonl", after)
     started = time.perf_counter()
     if config["build"]:
         stages.run("build", _build, config)
-    exps = experiments(config)
+    by_name = {e.name: e for e in exps}
     for exp in exps:
-        run_experiment(config, exp, out, stages)
+        run_experiment(config, exp, out, stages, [by_name[n] for n in exp.cross_eval])
     run_cross(config, exps, out, stages)
     elapsed = time.perf_counter() - started
     report = write_report(out, config, exps, run_seconds=elapsed)
+    if publish_to is not None:
+        publish(config, exps, publish_to)
     log.info("run finished in %.1f s; report: %s", elapsed, report)
     return report
 
@@ -643,17 +752,31 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    help="override config values, e.g. eval.limit=100 align.losses=[dpo,dmpo]")
     p.add_argument("--report-only", action="store_true",
                    help="rebuild the report from finished stages without running anything")
+    p.add_argument("--restore", metavar="DIR", default=None,
+                   help="first copy a published record (--publish) into the run folder, "
+                        "where files are missing: models whose evaluations are all in it "
+                        "are neither trained nor scored again")
+    p.add_argument("--publish", metavar="DIR", default=None,
+                   help="after every stage, replace DIR with the run's record: evaluations "
+                        "with their per-example scores, training logs, audits, stage times, "
+                        "the report; no weights or data (a few MB, for committing)")
 
 
 def run_command(args: argparse.Namespace) -> None:
+    from prefrec.record import restore_record
     from prefrec.report import write_report
 
     config = load_config(args.config, args.overrides)
     started = time.perf_counter()
+    if args.restore:
+        restore_record(Path(args.restore), Path(config["out"]))
+    publish_to = Path(args.publish) if args.publish else None
     if args.report_only:
         report = write_report(Path(config["out"]), config, experiments(config))
+        if publish_to is not None:
+            publish(config, experiments(config), publish_to)
     else:
-        report = run(config)
+        report = run(config, publish_to)
     print(f"report: {report} (also {report.with_suffix('.html').name}, results.json)")
     print(f"took {time.perf_counter() - started:.0f} s")
 
