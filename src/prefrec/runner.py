@@ -471,10 +471,6 @@ def _first_k(config: dict[str, Any]) -> int:
 def _eval(config: dict[str, Any], data: str, out: Path, adapter: Path | None) -> None:
     from prefrec.evaluate import run_eval
 
-    if adapter is not None and not adapter.is_dir() and evaluation_on_disk(config, data, out,
-                                                                            adapter):
-        log.info("%s: restored evaluation of %s (adapter not on disk): kept", out, adapter)
-        return
     ev = config["eval"]
     run_eval(
         data, out, model=config["model"], adapter=adapter, template=config["template"],
@@ -631,8 +627,8 @@ def run_experiment(config: dict[str, Any], exp: Experiment, out: Path, stages: S
                 evaluation_on_disk(ev_config, exp.eval, evals / "sft",
                                    out / exp.name / "sft" / "adapter"):
             log.warning("%s/sft: trained again as the base of the models still to train; its "
-                        "restored evaluation is kept (a retrain on other hardware or thread "
-                        "counts can differ slightly from the model it scored)", exp.name)
+                        "restored evaluation is kept (a retrain with other code or hardware can "
+                        "differ slightly from the model it scored)", exp.name)
         sft_adapter = stages.run(f"{exp.name}/sft", _sft, config, exp, out)
         stages.run(f"{exp.name}/eval/sft", _eval, ev_config, exp.eval, evals / "sft",
                    sft_adapter)
