@@ -1,7 +1,7 @@
 """Does a model with collaborative item tokens use them? Score it with its item table shuffled.
 
 Evaluates an adapter chain whose newest stage saved an item projector
-(``sft.item_embeddings=bpr|sasrec``) once more with the rows of the projector's
+(``sft.item_embeddings=bpr|sasrec|itemknn``) once more with the rows of the projector's
 collaborative vector table permuted (seeded), so every title gets another item's vector,
 and compares the calls with the model's own evaluation folder of the same data: paired
 accuracy difference, bootstrap and McNemar p, and the share of calls that changed. A model

@@ -145,23 +145,31 @@ def test_sft_and_align_train_save_and_reload_the_projector(tiny_dir, tmp_path, m
         restore_item_projector(fresh, str(tmp_path))
 
 
-def test_bpr_item_vectors_carry_the_item_bias_standardised(monkeypatch):
-    """The BPR bias b_i (how liked an item is across users) is a column of the item tokens'
-    input: without it the projector could not see the signal popularity baselines use."""
-    from prefrec.baselines.bpr import BPR
+def _cyclic_users(history_len, liked_at: int, disliked_at: int) -> list:
+    """12 users over 8 titles: user u watched titles u, u+1, ... (mod 8), likes title
+    u + liked_at and dislikes u + disliked_at."""
     from prefrec.data.schema import PairwiseExample
-    from prefrec.item_tokens import fit_item_vectors
 
     titles = [f"Movie {i} (1990)" for i in range(8)]
     examples = []
     for u in range(12):
-        history = [titles[(u + k) % 8] for k in range(3)]
-        liked, disliked = titles[(u + 3) % 8], titles[(u + 5) % 8]
+        history = [titles[(u + k) % 8] for k in range(history_len(u))]
+        liked, disliked = titles[(u + liked_at) % 8], titles[(u + disliked_at) % 8]
         examples.append(PairwiseExample(
             history=tuple(history), candidates=(liked, disliked), positive=0,
             prompt=pairwise_instruction(history, liked, disliked, DOMAINS["movie"]),
             chosen=pairwise_completion(liked, disliked),
             rejected=pairwise_completion(disliked, liked), user=f"u{u}"))
+    return examples
+
+
+def test_bpr_item_vectors_carry_the_item_bias_standardised(monkeypatch):
+    """The BPR bias b_i (how liked an item is across users) is a column of the item tokens'
+    input: without it the projector could not see the signal popularity baselines use."""
+    from prefrec.baselines.bpr import BPR
+    from prefrec.item_tokens import fit_item_vectors
+
+    examples = _cyclic_users(history_len=lambda u: 3, liked_at=3, disliked_at=5)
     fitted = {}
     real_fit = BPR.fit
 
@@ -298,3 +306,49 @@ def test_item_projector_warmup_needs_item_embeddings():
                               item_projector_warmup_steps=10)
     with pytest.raises(PrefrecError, match="--item-projector-warmup-steps 10"):
         config_from_args(SFTConfig, args)
+
+
+def test_spectral_item_vectors_reproduce_the_similarity_graph():
+    """v_i . v_j equals the symmetrised similarity when every non-negative eigenvalue is
+    kept, and is the best rank-d approximation of it (Eckart-Young) when fewer are."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from prefrec.baselines.itemknn import spectral_item_vectors
+
+    rng = np.random.default_rng(0)
+    factors = rng.random((6, 3))
+    psd = factors @ factors.T  # rank 3, positive semi-definite
+    # item-kNN's graph is not symmetric once each item keeps its top neighbours: here the
+    # whole graph sits above the diagonal, and averaging it with its transpose gives psd back
+    one_sided = sp.csr_matrix(np.triu(psd, 1) * 2 + np.diag(np.diag(psd)))
+    full = spectral_item_vectors(one_sided, dim=6)
+    np.testing.assert_allclose(full @ full.T, psd, atol=1e-10)
+    top2 = spectral_item_vectors(sp.csr_matrix(psd), dim=2)
+    values, vectors = np.linalg.eigh(psd)
+    best = vectors[:, -2:] @ np.diag(values[-2:]) @ vectors[:, -2:].T
+    np.testing.assert_allclose(top2 @ top2.T, best, atol=1e-10)
+    assert top2.shape == (6, 2)
+    # negative eigenvalues are dropped: one edge 0 -> 1 keeps only its +1/2 direction
+    v = spectral_item_vectors(sp.csr_matrix(([1.0], ([0], [1])), shape=(2, 2)), dim=2)
+    np.testing.assert_allclose(v @ v.T, [[0.25, 0.25], [0.25, 0.25]], atol=1e-12)
+    # deterministic signs: each vector's largest-magnitude entry is positive
+    assert all(top2[np.abs(top2[:, j]).argmax(), j] > 0 for j in range(2))
+
+
+def test_itemknn_item_vectors_carry_the_graph_and_item_counts():
+    from prefrec.baselines.itemknn import ItemKNN
+    from prefrec.baselines.items import baskets_from_examples
+    from prefrec.item_tokens import fit_item_vectors
+
+    # histories of 3-5 titles, so items differ in how many users hold them
+    examples = _cyclic_users(history_len=lambda u: 3 + u % 3, liked_at=5, disliked_at=6)
+    keys, vectors = fit_item_vectors(examples, "itemknn", seed=0)
+    knn = ItemKNN()
+    knn.fit(baskets_from_examples(examples), {})
+    assert keys == list(knn.index.keys)
+    assert vectors.shape == (len(keys), len(keys) + 1)  # 8 items < 64 dimensions
+    counts = torch.log1p(torch.tensor(knn.counts, dtype=torch.float32))
+    torch.testing.assert_close(vectors[:, -1], (counts - counts.mean()) / counts.std(),
+                               atol=1e-5, rtol=0)
+    assert fit_item_vectors(examples, "itemknn", seed=1)[1].equal(vectors)  # no randomness

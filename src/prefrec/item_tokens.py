@@ -1,7 +1,7 @@
 """Collaborative item tokens: LLaRA's hybrid item representation for DMPO pairwise prompts.
 
-An item's vector from a collaborative model fitted on the *training* users only (BPR-MF or
-SASRec from :mod:`prefrec.baselines`) is projected by a small trained MLP into the LLM's
+An item's vector from a collaborative model fitted on the *training* users only (BPR-MF,
+SASRec or item-kNN's similarity graph, from :mod:`prefrec.baselines`) is projected by a small trained MLP into the LLM's
 input-embedding space and inserted as ONE extra input position right after each
 ``<Title:X>`` tag of a prompt (history and candidates):
 
@@ -28,6 +28,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,9 +37,10 @@ from prefrec.errors import PrefrecError
 
 log = logging.getLogger(__name__)
 
-ITEM_SOURCES = ("none", "bpr", "sasrec")
+ITEM_SOURCES = ("none", "bpr", "sasrec", "itemknn")
 WEIGHTS_FILE = "item_projector.safetensors"
 META_FILE = "item_projector.json"
+ITEMKNN_DIM = 64  # as SASRec's hidden size: the projector maps 64 numbers an item
 TITLE_TAG = re.compile(r"<Title:(.*?)>")
 
 
@@ -112,7 +114,10 @@ class ItemProjector(nn.Module):
 def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[str], torch.Tensor]:
     """Item keys and vectors of a collaborative model fitted on ``examples`` (training
     users only), default settings: BPR-MF's item factors with its item bias as one more
-    column, or SASRec's item embeddings; every column standardised."""
+    column, SASRec's item embeddings, or item-kNN's similarity graph as spectral vectors
+    (:func:`~prefrec.baselines.itemknn.spectral_item_vectors`, 64 dimensions) with
+    log(1 + the item's number of training users) as one more column; every column
+    standardised."""
     from prefrec.baselines.items import baskets_from_examples, item_titles
 
     baskets = baskets_from_examples(examples)
@@ -131,6 +136,16 @@ def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[s
         sasrec = SASRec(seed=seed)
         sasrec.fit(baskets, titles)
         return list(sasrec.index.keys), standardize_columns(sasrec.model.item_embeddings().detach())
+    if source == "itemknn":
+        from prefrec.baselines.itemknn import ItemKNN, spectral_item_vectors
+
+        knn = ItemKNN(seed=seed)
+        knn.fit(baskets, titles)
+        vectors = torch.from_numpy(spectral_item_vectors(knn.sim, ITEMKNN_DIM)).float()
+        # as BPR's bias: how many training users hold an item is what separates most liked
+        # from disliked candidates, and a low-rank view of the graph would blur it.
+        counts = torch.from_numpy(np.log1p(knn.counts)).float()[:, None]
+        return list(knn.index.keys), standardize_columns(torch.cat([vectors, counts], 1))
     raise PrefrecError(f"item_embeddings {source!r}: expected one of {', '.join(ITEM_SOURCES)}")
 
 

@@ -52,6 +52,26 @@ def cosine_similarity(baskets: sp.csr_matrix, shrinkage: float) -> sp.csr_matrix
     return sim
 
 
+def spectral_item_vectors(sim: sp.csr_matrix, dim: int) -> np.ndarray:
+    """Item vectors whose dot products approximate the symmetrised similarity graph:
+
+        S = (sim + sim^T) / 2 ~ U diag(lambda) U^T   (the ``dim`` largest eigenvalues)
+        v_i = U_i * sqrt(max(lambda, 0))
+
+    so v_i . v_j ~ S_ij: what item-kNN knows about two items, as ``dim`` numbers each
+    (fewer when there are fewer items). Each eigenvector's sign is fixed (its largest-
+    magnitude entry positive), so the same graph always gives the same vectors."""
+    sym = ((sim + sim.T) * 0.5).toarray() if sp.issparse(sim) else (sim + sim.T) * 0.5
+    n = sym.shape[0]
+    dim = min(dim, n)
+    if dim == 0:
+        return np.zeros((n, 0))
+    values, vectors = np.linalg.eigh(sym)  # ascending; dense is fine for ~10^4 items
+    values, vectors = values[::-1][:dim], vectors[:, ::-1][:, :dim]
+    flip = np.sign(vectors[np.abs(vectors).argmax(0), np.arange(dim)])
+    return vectors * flip * np.sqrt(np.clip(values, 0.0, None))
+
+
 def keep_top_neighbours(sim: sp.csr_matrix, k: int | None) -> sp.csr_matrix:
     """Each row's ``k`` largest entries (ties broken by lower column index)."""
     if k is None:
@@ -82,6 +102,7 @@ class ItemKNN:
             raise PrefrecError(f"itemknn neighbours {self.config.neighbours}: expected >= 1")
         self.index = ItemIndex(())
         self.sim = sp.csr_matrix((0, 0))
+        self.counts = np.zeros(0)
 
     def fit(
         self, baskets: Sequence[Basket], titles: Mapping[str, str], on_epoch: OnEpoch | None = None
@@ -95,6 +116,7 @@ class ItemKNN:
         matrix = sp.csr_matrix(
             (np.ones(len(rows)), (rows, cols)), shape=(len(baskets), len(self.index))
         )
+        self.counts = np.asarray(matrix.sum(axis=0)).ravel()
         sim = cosine_similarity(matrix, self.config.shrinkage)
         self.sim = keep_top_neighbours(sim, self.config.neighbours)
 

@@ -63,7 +63,7 @@ class TrainConfig:
     pack_size: int = _f(16, "with --pack-by-user: most examples (SFT pairs or preference "
                         "groups) in one packed row")
     item_embeddings: str = _f(
-        "none", "none | bpr | sasrec: collaborative item tokens (LLaRA's hybrid items) after "
+        "none", "none | bpr | sasrec | itemknn: collaborative item tokens (LLaRA's hybrid items) after "
         "every <Title:X> of a prompt, from a model fitted on this stage's training users; the "
         "preference stage keeps training the SFT adapter's, and fits its own only without one"
     )
@@ -159,7 +159,7 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     warmup = values.get("item_projector_warmup_steps") or 0
     if warmup < 0 or (warmup and values.get("item_embeddings", "none") == "none"):
         raise PrefrecError(f"--item-projector-warmup-steps {warmup}: expected 0, or a positive "
-                           "number with --item-embeddings bpr|sasrec")
+                           "number with --item-embeddings bpr|sasrec|itemknn")
     if values.get("pack_size") is not None and values["pack_size"] < 1:
         raise PrefrecError(f"--pack-size {values['pack_size']}: expected at least 1")
     if values.get("lora_layers") is not None and values["lora_layers"] < 1:
