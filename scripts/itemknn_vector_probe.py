@@ -7,6 +7,8 @@ pair's candidates are scored by
     exact:   mean_{h in H} sim(c, h)        (item-kNN itself)
     d dims:  v_c . mean_{h in H} v_h         (v: spectral_item_vectors(sim, d))
     count:   number of training users holding c (popularity)
+    liked share: (times c was a training pair's liked title + 1) /
+             (times liked + times disliked + 2), what item-kNN never sees
 
 and the pairwise accuracy (ties count half) is printed per scorer as one JSON line. If
 the d-dimensional probe keeps item-kNN's accuracy, the vectors the LLM reads carry what
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
 from prefrec.baselines.itemknn import ItemKNN, spectral_item_vectors
 from prefrec.baselines.items import baskets_from_examples, item_titles, query_from_example
 from prefrec.data.dmpo import read_dmpo
+from prefrec.data.titles import item_key
 from prefrec.metrics import pairwise_accuracy
 
 
@@ -59,6 +63,11 @@ def main() -> None:
         result[f"dims_{dim}"] = pair_accuracy(scores, positives)
     counts = [[0.0 if i is None else float(knn.counts[i]) for i in row] for row in rows]
     result["count"] = pair_accuracy(counts, positives)
+    liked = Counter(k for ex in train for k in [item_key(ex.candidates[ex.positive])])
+    disliked = Counter(k for ex in train for k in [item_key(ex.candidates[1 - ex.positive])])
+    shares = [[(liked[c] + 1) / (liked[c] + disliked[c] + 2) for c in q.candidates]
+              for q in queries]
+    result["liked_share"] = pair_accuracy(shares, positives)
     print(json.dumps(result))
 
 
