@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -352,3 +353,44 @@ def test_itemknn_item_vectors_carry_the_graph_and_item_counts():
     torch.testing.assert_close(vectors[:, -1], (counts - counts.mean()) / counts.std(),
                                atol=1e-5, rtol=0)
     assert fit_item_vectors(examples, "itemknn", seed=1)[1].equal(vectors)  # no randomness
+
+
+@pytest.mark.parametrize("source", ["bpr+itemknn", "itemknn+sasrec", "none", "sasrec"])
+def test_item_sources_accept_one_or_several_joined(source):
+    import argparse
+
+    from prefrec.train.config import config_from_args
+
+    args = argparse.Namespace(data="x", out="y", item_embeddings=source)
+    assert config_from_args(SFTConfig, args).item_embeddings == source
+
+
+@pytest.mark.parametrize("source", ["bpr+bpr", "bpr+none", "knn", "bpr+", ""])
+def test_item_sources_reject_unknown_repeated_or_empty_parts(source):
+    import argparse
+
+    from prefrec.train.config import config_from_args
+
+    args = argparse.Namespace(data="x", out="y", item_embeddings=source)
+    with pytest.raises(PrefrecError, match=f"--item-embeddings {re.escape(source)}: expected"):
+        config_from_args(SFTConfig, args)
+
+
+def test_joined_item_sources_put_their_columns_side_by_side_over_the_union_of_items(monkeypatch):
+    import prefrec.item_tokens as item_tokens
+
+    examples = _cyclic_users(history_len=lambda u: 3 + u % 3, liked_at=5, disliked_at=6)
+    real_fit = item_tokens.fit_item_vectors
+
+    def fit(examples, source, seed):  # bpr knows items a, b; itemknn knows b, c
+        if source == "bpr":
+            return ["a", "b"], torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        if source == "itemknn":
+            return ["b", "c"], torch.tensor([[5.0], [6.0]])
+        return real_fit(examples, source, seed)
+
+    monkeypatch.setattr(item_tokens, "fit_item_vectors", fit)
+    keys, vectors = real_fit(examples, "bpr+itemknn", seed=0)
+    assert keys == ["a", "b", "c"]
+    torch.testing.assert_close(vectors, torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 5.0],
+                                                      [0.0, 0.0, 6.0]]))

@@ -111,14 +111,36 @@ class ItemProjector(nn.Module):
 # --------------------------------------------------------------------------- fitting
 
 
+def check_item_source(source: str) -> None:
+    """Raise unless ``source`` is ``none``, one collaborative source, or several joined by
+    ``+`` (``bpr+itemknn``: their vectors side by side in one item token)."""
+    parts = source.split("+")
+    known = [s for s in ITEM_SOURCES if s != "none"]
+    if source != "none" and (len(set(parts)) < len(parts) or any(p not in known for p in parts)):
+        raise PrefrecError(f"--item-embeddings {source}: expected none, one of "
+                           f"{', '.join(known)}, or several of them joined by '+'")
+
+
 def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[str], torch.Tensor]:
     """Item keys and vectors of a collaborative model fitted on ``examples`` (training
     users only), default settings: BPR-MF's item factors with its item bias as one more
     column, SASRec's item embeddings, or item-kNN's similarity graph as spectral vectors
     (:func:`~prefrec.baselines.itemknn.spectral_item_vectors`, 64 dimensions) with
     log(1 + the item's number of training users) as one more column; every column
-    standardised."""
+    standardised. Sources joined by ``+`` give their columns side by side, over the union
+    of their items; an item one source never saw gets zeros (its columns' mean) there."""
     from prefrec.baselines.items import baskets_from_examples, item_titles
+
+    if "+" in source:
+        fitted = [fit_item_vectors(examples, part, seed) for part in source.split("+")]
+        keys = list(dict.fromkeys(k for part_keys, _ in fitted for k in part_keys))
+        row = {k: i for i, k in enumerate(keys)}
+        blocks = []
+        for part_keys, vectors in fitted:
+            block = torch.zeros(len(keys), vectors.shape[1])
+            block[[row[k] for k in part_keys]] = vectors
+            blocks.append(block)
+        return keys, torch.cat(blocks, 1)
 
     baskets = baskets_from_examples(examples)
     titles = item_titles(examples)

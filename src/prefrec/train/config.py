@@ -63,8 +63,8 @@ class TrainConfig:
     pack_size: int = _f(16, "with --pack-by-user: most examples (SFT pairs or preference "
                         "groups) in one packed row")
     item_embeddings: str = _f(
-        "none", "none | bpr | sasrec | itemknn: collaborative item tokens (LLaRA's hybrid items) after "
-        "every <Title:X> of a prompt, from a model fitted on this stage's training users; the "
+        "none", "none | bpr | sasrec | itemknn, or several joined by + (bpr+itemknn): "
+        "collaborative item tokens (LLaRA's hybrid items) after every <Title:X> of a prompt, from a model fitted on this stage's training users; the "
         "preference stage keeps training the SFT adapter's, and fits its own only without one"
     )
     item_projector_lr: float | None = _f(
@@ -151,15 +151,13 @@ def add_align_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """Build ``cls`` from parsed flags (fields absent from ``args`` keep their default)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    from prefrec.item_tokens import ITEM_SOURCES
+    from prefrec.item_tokens import check_item_source
 
-    if values.get("item_embeddings", "none") not in ITEM_SOURCES:
-        raise PrefrecError(f"--item-embeddings {values['item_embeddings']}: expected one of "
-                           f"{', '.join(ITEM_SOURCES)}")
+    check_item_source(values.get("item_embeddings", "none"))
     warmup = values.get("item_projector_warmup_steps") or 0
     if warmup < 0 or (warmup and values.get("item_embeddings", "none") == "none"):
         raise PrefrecError(f"--item-projector-warmup-steps {warmup}: expected 0, or a positive "
-                           "number with --item-embeddings bpr|sasrec|itemknn")
+                           "number with --item-embeddings")
     if values.get("pack_size") is not None and values["pack_size"] < 1:
         raise PrefrecError(f"--pack-size {values['pack_size']}: expected at least 1")
     if values.get("lora_layers") is not None and values["lora_layers"] < 1:
