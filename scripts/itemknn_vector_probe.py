@@ -63,8 +63,8 @@ def main() -> None:
         result[f"dims_{dim}"] = pair_accuracy(scores, positives)
     counts = [[0.0 if i is None else float(knn.counts[i]) for i in row] for row in rows]
     result["count"] = pair_accuracy(counts, positives)
-    liked = Counter(k for ex in train for k in [item_key(ex.candidates[ex.positive])])
-    disliked = Counter(k for ex in train for k in [item_key(ex.candidates[1 - ex.positive])])
+    liked = Counter(item_key(ex.candidates[ex.positive]) for ex in train)
+    disliked = Counter(item_key(ex.candidates[1 - ex.positive]) for ex in train)
     shares = [[(liked[c] + 1) / (liked[c] + disliked[c] + 2) for c in q.candidates]
               for q in queries]
     result["liked_share"] = pair_accuracy(shares, positives)

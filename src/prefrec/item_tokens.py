@@ -1,9 +1,9 @@
 """Collaborative item tokens: LLaRA's hybrid item representation for DMPO pairwise prompts.
 
 An item's vector from a collaborative model fitted on the *training* users only (BPR-MF,
-SASRec or item-kNN's similarity graph, from :mod:`prefrec.baselines`) is projected by a small trained MLP into the LLM's
-input-embedding space and inserted as ONE extra input position right after each
-``<Title:X>`` tag of a prompt (history and candidates):
+SASRec or item-kNN's similarity graph, from :mod:`prefrec.baselines`) is projected by a
+small trained MLP into the LLM's input-embedding space and inserted as ONE extra input
+position right after each ``<Title:X>`` tag of a prompt (history and candidates):
 
     e(item) = W2 . GELU(W1 . v_item + b1) + b2,        v_item in R^d, e(item) in R^hidden
 
@@ -131,6 +131,7 @@ def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[s
     of their items; an item one source never saw gets zeros (its columns' mean) there."""
     from prefrec.baselines.items import baskets_from_examples, item_titles
 
+    check_item_source(source)
     if "+" in source:
         fitted = [fit_item_vectors(examples, part, seed) for part in source.split("+")]
         keys = list(dict.fromkeys(k for part_keys, _ in fitted for k in part_keys))
@@ -168,7 +169,7 @@ def fit_item_vectors(examples: Sequence, source: str, seed: int) -> tuple[list[s
         # from disliked candidates, and a low-rank view of the graph would blur it.
         counts = torch.from_numpy(np.log1p(knn.counts)).float()[:, None]
         return list(knn.index.keys), standardize_columns(torch.cat([vectors, counts], 1))
-    raise PrefrecError(f"item_embeddings {source!r}: expected one of {', '.join(ITEM_SOURCES)}")
+    raise PrefrecError(f"item_embeddings {source!r}: no collaborative model to fit")
 
 
 def standardize_columns(vectors: torch.Tensor) -> torch.Tensor:

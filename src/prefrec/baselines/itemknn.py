@@ -61,7 +61,8 @@ def spectral_item_vectors(sim: sp.csr_matrix, dim: int) -> np.ndarray:
     so v_i . v_j ~ S_ij: what item-kNN knows about two items, as ``dim`` numbers each
     (fewer when there are fewer items). Each eigenvector's sign is fixed (its largest-
     magnitude entry positive), so the same graph always gives the same vectors."""
-    sym = ((sim + sim.T) * 0.5).toarray() if sp.issparse(sim) else (sim + sim.T) * 0.5
+    sim = sp.csr_matrix(sim)
+    sym = ((sim + sim.T) * 0.5).toarray()
     n = sym.shape[0]
     dim = min(dim, n)
     if dim == 0:

@@ -64,8 +64,9 @@ class TrainConfig:
                         "groups) in one packed row")
     item_embeddings: str = _f(
         "none", "none | bpr | sasrec | itemknn, or several joined by + (bpr+itemknn): "
-        "collaborative item tokens (LLaRA's hybrid items) after every <Title:X> of a prompt, from a model fitted on this stage's training users; the "
-        "preference stage keeps training the SFT adapter's, and fits its own only without one"
+        "collaborative item tokens (LLaRA's hybrid items) after every <Title:X> of a prompt, "
+        "from a model fitted on this stage's training users; the preference stage keeps "
+        "training the SFT adapter's, and fits its own only without one"
     )
     item_projector_lr: float | None = _f(
         None, "with --item-embeddings: the item projector's peak learning rate (default: "
