@@ -302,6 +302,28 @@ def test_report_only_rebuilds_without_running(tiny_run, monkeypatch):
     assert (out / "report.html").is_file()
 
 
+def test_narrowed_run_reports_every_evaluated_model_of_the_run(tiny_run, monkeypatch):
+    import prefrec.runner as runner
+
+    path, out = tiny_run
+    full = json.loads((out / "results.json").read_text())["experiments"]["ml1m"]
+    monkeypatch.setattr(runner, "run_experiment", lambda *a: pytest.fail("ran a stage"))
+    # One cell and no zero-shot, as when a session trains a single loss x K of the run.
+    assert cli_main(["run", str(path), "align.losses=[dpo]", "align.negatives=[2]",
+                     "zero_shot=false", "--report-only"]) == 0
+    narrowed = json.loads((out / "results.json").read_text())["experiments"]["ml1m"]
+    assert list(narrowed["models"])[:2] == ["zero-shot", "sft"]
+    assert set(narrowed["models"]) == set(full["models"])
+    # The K=1 model keeps its alias though the narrowed config has no K=1.
+    assert narrowed["models"]["dpo-k1"]["same_as"] == "dmpo-k1"
+    for label, entry in full["models"].items():
+        assert narrowed["models"][label]["metrics"] == entry["metrics"], label
+    assert narrowed["ablation"] == full["ablation"]
+    assert set(narrowed["ablation"]["dpo"]) == {"1", "2"}
+    assert narrowed["significance"] == full["significance"]
+    assert "| zero-shot | llm |" in (out / "report.md").read_text()
+
+
 def test_selection_split_experiment_has_disjoint_users(tmp_path, tiny_dir, shared_data):
     """A LastFM-style experiment splits one file by user before anything trains on it."""
     from prefrec.data.formats import load_examples

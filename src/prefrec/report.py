@@ -171,37 +171,82 @@ def _ablation(models: dict[str, dict], task: str) -> dict[str, dict[str, dict]]:
     """loss -> {K: primary metric} from labels ``<loss>-k<K>``."""
     out: dict[str, dict[str, dict]] = {}
     for label, entry in models.items():
-        loss, _, k = label.rpartition("-k")
-        if entry["kind"] != "llm" or not loss or not k.isdigit():
+        key = _ablation_key(label)
+        if entry["kind"] != "llm" or key is None:
             continue
         m = entry["metrics"].get(PRIMARY[task])
         if m:
-            out.setdefault(loss, {})[k] = m
+            out.setdefault(key[0], {})[str(key[1])] = m
     return {loss: dict(sorted(ks.items(), key=lambda kv: int(kv[0])))
             for loss, ks in out.items()}
 
 
+def reported_llms(config: dict[str, Any], exp: Any, out: Path, folder: Path) -> dict[str, str]:
+    """Label -> evaluation folder name (in ``folder``) of every LLM the report shows.
+
+    The config's models and every other model evaluated in ``folder``: a run narrowed to one
+    cell (``align.losses=[dpo] align.negatives=[2]``) or without zero-shot still reports the
+    whole run, not only what it trained now. At K = 1 a loss of the run (config or folder)
+    with no folder of its own is the K = 1 model that was trained
+    (:func:`prefrec.runner.model_aliases`). Order: zero-shot, SFT, then the preference
+    models by K, losses in the config's order, then any other evaluated folder.
+    """
+    from prefrec.losses import SAME_AT_ONE_NEGATIVE
+    from prefrec.runner import model_aliases, model_label, trained_models
+
+    aliases = model_aliases(config)
+    labels = {label: aliases.get(label, label) for label in trained_models(config, exp, out)}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if (p / "metrics.json").is_file():
+                labels.setdefault(p.name, p.name)
+    align = config.get("align") or {}
+    losses = list(dict.fromkeys([*align.get("losses", []),
+                                 *sorted(_ablation_key(label)[0] for label in labels
+                                         if _ablation_key(label))]))
+    trained_at_one = [loss for loss in losses if loss in SAME_AT_ONE_NEGATIVE
+                      and labels.get(model_label(loss, 1)) == model_label(loss, 1)]
+    if trained_at_one:
+        for loss in losses:
+            if loss in SAME_AT_ONE_NEGATIVE:
+                labels.setdefault(model_label(loss, 1), model_label(trained_at_one[0], 1))
+
+    def order(label: str) -> tuple:
+        if label in ("zero-shot", "sft"):
+            return (0, label != "zero-shot")
+        if key := _ablation_key(label):
+            return (1, key[1], losses.index(key[0]))
+        return (2, label)
+
+    return {label: labels[label] for label in sorted(labels, key=order)}
+
+
+def _ablation_key(label: str) -> tuple[str, int] | None:
+    """(loss, K) of a preference model's label ``<loss>-k<K>``, else None."""
+    loss, _, k = label.rpartition("-k")
+    return (loss, int(k)) if loss and k.isdigit() else None
+
+
 def collect_results(out: Path, config: dict[str, Any], exps: list) -> dict[str, Any]:
     """Everything the report shows, from the files the stages wrote."""
-    from prefrec.runner import model_aliases, stage_rows, trained_models
+    from prefrec.runner import stage_rows
 
     seed = config["eval"]["seed"]
     n_boot = (config.get("significance") or {}).get("n_boot", 1000)
-    aliases = model_aliases(config)
 
-    def llm_entry(folder: Path, label: str) -> dict[str, Any] | None:
-        entry = model_entry(folder / aliases.get(label, label), "llm", out)
-        if entry and label in aliases:
-            entry["same_as"] = aliases[label]
-        return entry
+    def llm_entries(exp: Any, folder: Path) -> dict[str, dict]:
+        entries = {}
+        for label, name in reported_llms(config, exp, out, folder).items():
+            entry = model_entry(folder / name, "llm", out)
+            if entry:
+                if name != label:
+                    entry["same_as"] = name
+                entries[label] = entry
+        return entries
 
     results: dict[str, Any] = {"experiments": {}}
     for exp in exps:
-        models: dict[str, dict] = {}
-        for label in trained_models(config, exp, out):
-            entry = llm_entry(out / exp.name / "eval", label)
-            if entry:
-                models[label] = entry
+        models = llm_entries(exp, out / exp.name / "eval")
         base_dir = out / exp.name / "baselines"
         if base_dir.is_dir():
             for folder in sorted(p for p in base_dir.iterdir() if p.is_dir()):
@@ -211,10 +256,8 @@ def collect_results(out: Path, config: dict[str, Any], exps: list) -> dict[str, 
         task = next((e["task"] for e in models.values()), None)
         cross: dict[str, dict] = {}
         for other in exp.cross_eval:
-            for label in trained_models(config, exp, out):
-                entry = llm_entry(out / exp.name / "cross" / other, label)
-                if entry:
-                    cross.setdefault(other, {})[label] = entry
+            if found := llm_entries(exp, out / exp.name / "cross" / other):
+                cross[other] = found
         audit = _read_json(out / exp.name / "audit.json")
         results["experiments"][exp.name] = {
             "task": task,
