@@ -171,7 +171,7 @@ def _ablation(models: dict[str, dict], task: str) -> dict[str, dict[str, dict]]:
     """loss -> {K: primary metric} from labels ``<loss>-k<K>``."""
     out: dict[str, dict[str, dict]] = {}
     for label, entry in models.items():
-        key = _ablation_key(label)
+        key = _loss_and_k(label)
         if entry["kind"] != "llm" or key is None:
             continue
         m = entry["metrics"].get(PRIMARY[task])
@@ -202,8 +202,8 @@ def reported_llms(config: dict[str, Any], exp: Any, out: Path, folder: Path) -> 
                 labels.setdefault(p.name, p.name)
     align = config.get("align") or {}
     losses = list(dict.fromkeys([*align.get("losses", []),
-                                 *sorted(_ablation_key(label)[0] for label in labels
-                                         if _ablation_key(label))]))
+                                 *sorted(key[0] for label in labels
+                                         if (key := _loss_and_k(label)))]))
     trained_at_one = [loss for loss in losses if loss in SAME_AT_ONE_NEGATIVE
                       and labels.get(model_label(loss, 1)) == model_label(loss, 1)]
     if trained_at_one:
@@ -214,14 +214,14 @@ def reported_llms(config: dict[str, Any], exp: Any, out: Path, folder: Path) -> 
     def order(label: str) -> tuple:
         if label in ("zero-shot", "sft"):
             return (0, label != "zero-shot")
-        if key := _ablation_key(label):
+        if key := _loss_and_k(label):
             return (1, key[1], losses.index(key[0]))
         return (2, label)
 
     return {label: labels[label] for label in sorted(labels, key=order)}
 
 
-def _ablation_key(label: str) -> tuple[str, int] | None:
+def _loss_and_k(label: str) -> tuple[str, int] | None:
     """(loss, K) of a preference model's label ``<loss>-k<K>``, else None."""
     loss, _, k = label.rpartition("-k")
     return (loss, int(k)) if loss and k.isdigit() else None
