@@ -313,7 +313,8 @@ def save_png(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_open(path, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=110)
+        # tight: legends placed outside the axes are kept, not cut at the figure's edge
+        fig.savefig(fh, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -427,9 +427,11 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
         mine = [p for p in points if p["stage"] == stage]
         baseline_styles = iter([("#333333", "--", "s"), ("#777777", ":", "D"),
                                 ("#aaaaaa", "-.", "^")] * 4)
-        # tab10 without its grey, which the baselines use
-        model_colors = itertools.cycle(
-            [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7])
+        # tab10 then tab20's light shades, without their greys (the baselines use grey):
+        # 18 colours before a repeat
+        tab20 = plt.get_cmap("tab20").colors
+        model_colors = itertools.cycle([tab20[i] for i in range(0, 20, 2) if i != 14]
+                                       + [tab20[i] for i in range(1, 20, 2) if i != 15])
         for series in dict.fromkeys(p["series"] for p in mine):
             pts = sorted((p for p in mine if p["series"] == series), key=lambda p: p["examples"])
             xs = [p["examples"] for p in pts]
@@ -448,15 +450,17 @@ def learning_curve_plot(points: list[dict[str, Any]], baselines: dict[str, float
         ax.set_xscale("log")
         ticks: list[float] = []
         for t in sorted({p["examples"] for p in mine}):
-            if not ticks or t > ticks[-1] * 1.25:  # labels of near-equal counts overlap
+            if not ticks or t > ticks[-1] * 1.45:  # labels of near-equal counts overlap
                 ticks.append(t)
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xticks(ticks, [f"{t / 1000:.3g}k" if t >= 1000 else f"{t:g}" for t in ticks],
+                      rotation=30)
         ax.minorticks_off()
         ax.set_xlabel(titles[stage] + " (log scale)")
         ax.set_ylabel(f"{metric} (95% CI)")
         ax.grid(alpha=0.3)
         # below the panel: with a dozen series, any spot inside hides points
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
+        # (one column: two panels' legends side by side would run into each other)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=1)
     fig.suptitle("Learning curve: validation users")
     fig.tight_layout()
     save_png(fig, path)
